@@ -1,0 +1,145 @@
+"""tinyreason: seeded synthetic reasoning tasks for the shipped tiny dLLMs.
+
+Three tasks, each a deterministic function of (split, index, seed):
+  addition      "347+58="                      -> "405"                    (exact match)
+  word_problems "Ann has 12 pens. Ann buys 4. ..." -> "12+4=16\\n...\\n#### 13" (exact match on ####)
+  compare       "Which is larger: 47 or 52?\\nAnswer:" -> " 52" among [" 47", " 52"] (likelihood)
+
+Splits are disjoint by construction: an example belongs to the split chosen by a hash of its
+prompt, and a generator for one split rejects prompts hashed to another.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import re
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+
+TASKS = ("addition", "word_problems", "compare")
+SPLITS = {"train": (0, 80), "calibration": (80, 90), "test": (90, 100)}
+ANSWER_RE = re.compile(r"####\s*(-?\d+)")
+
+NAMES = ("Ann", "Ben", "Cal", "Dee", "Eli", "Fay", "Gus", "Ivy", "Jo", "Kim")
+ITEMS = ("apples", "coins", "books", "pens", "cards", "eggs", "cups", "toys")
+ADD_VERBS = ("buys", "gets", "finds")
+SUB_VERBS = ("gives away", "loses", "sells")
+
+
+@dataclass(frozen=True)
+class Example:
+    task: str
+    prompt: str
+    answer: str  # reference continuation (worked steps included)
+    target: str  # what is scored: final number, or the correct choice text
+    choices: tuple[str, ...] = field(default_factory=tuple)
+    label: int = -1
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["choices"] = list(self.choices)
+        return d
+
+
+@dataclass(frozen=True)
+class Difficulty:
+    """Knobs of the generators; defaults are what the shipped models were trained on."""
+
+    add_max_digits: int = 3
+    wp_min_steps: int = 2
+    wp_max_steps: int = 3
+    wp_max_start: int = 20
+    wp_max_operand: int = 9
+    cmp_max_value: int = 999
+
+
+def split_of(prompt: str) -> str:
+    bucket = int(hashlib.md5(prompt.encode()).hexdigest(), 16) % 100
+    for name, (lo, hi) in SPLITS.items():
+        if lo <= bucket < hi:
+            return name
+    raise AssertionError(bucket)
+
+
+def _number(rng: random.Random, max_digits: int) -> int:
+    digits = rng.randint(1, max_digits)
+    return rng.randint(0 if digits == 1 else 10 ** (digits - 1), 10**digits - 1)
+
+
+def make_addition(rng: random.Random, d: Difficulty) -> Example:
+    a, b = _number(rng, d.add_max_digits), _number(rng, d.add_max_digits)
+    return Example("addition", f"{a}+{b}=", str(a + b), str(a + b))
+
+
+def make_word_problem(rng: random.Random, d: Difficulty) -> Example:
+    name, item = rng.choice(NAMES), rng.choice(ITEMS)
+    value = rng.randint(2, d.wp_max_start)
+    sentences, steps = [f"{name} has {value} {item}."], []
+    for _ in range(rng.randint(d.wp_min_steps, d.wp_max_steps)):
+        n = rng.randint(1, d.wp_max_operand)
+        if rng.random() < 0.5 or value - n < 0:
+            sentences.append(f"{name} {rng.choice(ADD_VERBS)} {n}.")
+            steps.append(f"{value}+{n}={value + n}")
+            value += n
+        else:
+            sentences.append(f"{name} {rng.choice(SUB_VERBS)} {n}.")
+            steps.append(f"{value}-{n}={value - n}")
+            value -= n
+    prompt = " ".join(sentences) + f" How many {item}?\n"
+    answer = "\n".join(steps) + f"\n#### {value}"
+    return Example("word_problems", prompt, answer, str(value))
+
+
+def make_compare(rng: random.Random, d: Difficulty) -> Example:
+    a = rng.randint(0, d.cmp_max_value)
+    b = rng.randint(0, d.cmp_max_value)
+    while b == a:
+        b = rng.randint(0, d.cmp_max_value)
+    kind = rng.choice(("larger", "smaller"))
+    right = max(a, b) if kind == "larger" else min(a, b)
+    choices = (f" {a}", f" {b}")
+    label = 0 if right == a else 1
+    prompt = f"Which is {kind}: {a} or {b}?\nAnswer:"
+    return Example("compare", prompt, choices[label], choices[label], choices, label)
+
+
+GENERATORS = {"addition": make_addition, "word_problems": make_word_problem, "compare": make_compare}
+
+
+def _seed(task: str, split: str, seed: int) -> int:
+    return int(hashlib.md5(f"{task}/{split}/{seed}".encode()).hexdigest()[:12], 16)
+
+
+def iter_examples(task: str, split: str, seed: int = 0, difficulty: Difficulty | None = None) -> Iterator[Example]:
+    """Endless stream of distinct-split examples of one task (train may repeat prompts; eval splits do not)."""
+    if task not in GENERATORS:
+        raise ValueError(f"unknown tinyreason task {task!r}; valid: {', '.join(TASKS)}")
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
+    rng = random.Random(_seed(task, split, seed))
+    d = difficulty or Difficulty()
+    seen: set[str] = set()
+    while True:
+        ex = GENERATORS[task](rng, d)
+        if split_of(ex.prompt) != split:
+            continue
+        if split != "train":
+            if ex.prompt in seen:
+                continue
+            seen.add(ex.prompt)
+        yield ex
+
+
+def examples(task: str, split: str, n: int, seed: int = 0, difficulty: Difficulty | None = None) -> list[Example]:
+    it = iter_examples(task, split, seed, difficulty)
+    return [next(it) for _ in range(n)]
+
+
+def extract_answer(text: str) -> str | None:
+    """Final answer of a generation: the number after '####', else the first integer."""
+    m = ANSWER_RE.search(text)
+    if m:
+        return m.group(1)
+    m = re.search(r"-?\d+", text)
+    return m.group(0) if m else None

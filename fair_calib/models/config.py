@@ -1,0 +1,137 @@
+"""Architecture hyper-parameters shared by the LLaDA and Dream layouts, and their HF config.json forms."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+FAMILIES = ("llada", "dream")
+
+
+@dataclass
+class DLLMConfig:
+    """What a masked-diffusion LM needs to be built; `family` picks the module layout."""
+
+    family: str
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    intermediate_size: int
+    mask_id: int
+    eos_id: int
+    pad_id: int
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    qkv_bias: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ValueError(f"unknown model family {self.family!r}; valid: {', '.join(FAMILIES)}")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads {self.n_heads} is not divisible by n_kv_heads {self.n_kv_heads}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def shift_logits(self) -> bool:
+        """Dream predicts token i from the hidden state at i-1; LLaDA predicts it at i."""
+        return self.family == "dream"
+
+    # ---- Hugging Face config.json <-> DLLMConfig -------------------------------------------
+    def to_hf_dict(self) -> dict[str, Any]:
+        """config.json in the official naming of the family (LLaDA: OLMo names; Dream: Qwen2 names)."""
+        if self.family == "llada":
+            d = {
+                "architectures": ["LLaDAModelLM"],
+                "model_type": "llada",
+                "d_model": self.d_model,
+                "n_layers": self.n_layers,
+                "n_heads": self.n_heads,
+                "n_kv_heads": self.n_kv_heads,
+                "mlp_hidden_size": self.intermediate_size,
+                "vocab_size": self.vocab_size,
+                "embedding_size": self.vocab_size,
+                "rope_theta": self.rope_theta,
+                "rms_norm_eps": self.norm_eps,
+                "include_bias": self.qkv_bias,
+                "weight_tying": False,
+                "mask_token_id": self.mask_id,
+                "eos_token_id": self.eos_id,
+                "pad_token_id": self.pad_id,
+                "activation_type": "silu",
+                "layer_norm_type": "rms",
+            }
+        else:
+            d = {
+                "architectures": ["DreamModel"],
+                "model_type": "Dream",
+                "hidden_size": self.d_model,
+                "num_hidden_layers": self.n_layers,
+                "num_attention_heads": self.n_heads,
+                "num_key_value_heads": self.n_kv_heads,
+                "intermediate_size": self.intermediate_size,
+                "vocab_size": self.vocab_size,
+                "rope_theta": self.rope_theta,
+                "rms_norm_eps": self.norm_eps,
+                "tie_word_embeddings": False,
+                "mask_token_id": self.mask_id,
+                "eos_token_id": self.eos_id,
+                "pad_token_id": self.pad_id,
+                "hidden_act": "silu",
+            }
+        d.update(self.extra)
+        return d
+
+    @classmethod
+    def from_hf_dict(cls, d: dict[str, Any]) -> DLLMConfig:
+        """Read an official LLaDA or Dream config.json (or one written by `to_hf_dict`)."""
+        model_type = str(d.get("model_type", "")).lower()
+        if model_type == "llada" or "d_model" in d:
+            n_heads = int(d["n_heads"])
+            hidden = d.get("mlp_hidden_size") or int(d["d_model"]) * int(d.get("mlp_ratio", 4))
+            return cls(
+                family="llada",
+                vocab_size=int(d.get("embedding_size") or d["vocab_size"]),
+                d_model=int(d["d_model"]),
+                n_layers=int(d["n_layers"]),
+                n_heads=n_heads,
+                n_kv_heads=int(d.get("n_kv_heads") or n_heads),
+                intermediate_size=int(hidden),
+                mask_id=int(d.get("mask_token_id", 126336)),
+                eos_id=int(d.get("eos_token_id", 126081)),
+                pad_id=int(d.get("pad_token_id", d.get("eos_token_id", 126081))),
+                rope_theta=float(d.get("rope_theta", 10000.0)),
+                norm_eps=float(d.get("rms_norm_eps", 1e-5)),
+                qkv_bias=bool(d.get("include_bias", False)),
+            )
+        if model_type == "dream" or "hidden_size" in d:
+            n_heads = int(d["num_attention_heads"])
+            return cls(
+                family="dream",
+                vocab_size=int(d["vocab_size"]),
+                d_model=int(d["hidden_size"]),
+                n_layers=int(d["num_hidden_layers"]),
+                n_heads=n_heads,
+                n_kv_heads=int(d.get("num_key_value_heads") or n_heads),
+                intermediate_size=int(d["intermediate_size"]),
+                mask_id=int(d.get("mask_token_id", 151666)),
+                eos_id=int(d.get("eos_token_id", 151643)),
+                pad_id=int(d.get("pad_token_id", d.get("eos_token_id", 151643))),
+                rope_theta=float(d.get("rope_theta", 1e6)),
+                norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+                qkv_bias=True,
+            )
+        raise ValueError(
+            f"config.json has model_type {d.get('model_type')!r}: expected an LLaDA ('llada') "
+            "or Dream ('Dream') configuration"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

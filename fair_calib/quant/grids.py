@@ -1,0 +1,142 @@
+"""Uniform quantization grids (DESIGN 4.1) as pure functions, with a straight-through estimator.
+
+Symmetric INT-b:   q = clamp(round(x / s), -2^(b-1), 2^(b-1) - 1),  x_hat = s * q
+    scale convention "absmax":   s = clip * absmax / (2^(b-1) - 1)           (QuaRot, SmoothQuant, FlatQuant)
+    scale convention "halfstep": s = 2 * clip * absmax / (2^b - 1)           (IST-GPTQ, compressed-tensors)
+Asymmetric INT-b:  s = clip * (max - min) / (2^b - 1), z = round(-min / s),
+                   q = clamp(round(x / s) + z, 0, 2^b - 1),  x_hat = s * (q - z)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+SCALE_CONVENTIONS = ("absmax", "halfstep")
+WEIGHT_GRANULARITIES = ("channel", "group", "tensor")
+MIN_BITS, MAX_BITS = 2, 16
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """One quantizer's grid. bits >= 16 means "leave in full precision"."""
+
+    bits: int = 16
+    symmetric: bool = True
+    scale_convention: str = "absmax"
+    granularity: str = "channel"  # weights: channel | group | tensor; activations are always per token
+    group_size: int = 128
+    clip_ratio: float = 1.0
+
+    def __post_init__(self) -> None:
+        check_bits(self.bits)
+        if self.scale_convention not in SCALE_CONVENTIONS:
+            raise ValueError(f"scale_convention {self.scale_convention!r} unknown; valid: {', '.join(SCALE_CONVENTIONS)}")
+        if self.granularity not in WEIGHT_GRANULARITIES:
+            raise ValueError(f"granularity {self.granularity!r} unknown; valid: {', '.join(WEIGHT_GRANULARITIES)}")
+        if self.group_size < 1:
+            raise ValueError(f"group_size must be positive, got {self.group_size}")
+        if not 0.0 < self.clip_ratio <= 1.0:
+            raise ValueError(f"clip_ratio must be in (0, 1], got {self.clip_ratio}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.bits < 16
+
+    @property
+    def qmin(self) -> int:
+        return -(2 ** (self.bits - 1)) if self.symmetric else 0
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits - 1) - 1 if self.symmetric else 2**self.bits - 1
+
+
+def check_bits(bits: int) -> None:
+    if not MIN_BITS <= int(bits) <= MAX_BITS:
+        raise ValueError(f"bit width {bits} is out of range: use {MIN_BITS}..{MAX_BITS} (16 = full precision)")
+
+
+def round_ste(x: Tensor) -> Tensor:
+    """round(x) in the forward pass, identity gradient in the backward pass."""
+    return (x.round() - x).detach() + x
+
+
+def sym_scale(absmax: Tensor, bits: int, convention: str = "absmax") -> Tensor:
+    if convention == "absmax":
+        s = absmax / (2 ** (bits - 1) - 1)
+    elif convention == "halfstep":
+        s = 2 * absmax / (2**bits - 1)
+    else:
+        raise ValueError(f"scale_convention {convention!r} unknown; valid: {', '.join(SCALE_CONVENTIONS)}")
+    return s.clamp(min=1e-8)
+
+
+def asym_scale_zero(xmin: Tensor, xmax: Tensor, bits: int) -> tuple[Tensor, Tensor]:
+    """Scale and integer zero point of a grid that contains 0, min and max."""
+    xmin, xmax = xmin.clamp(max=0), xmax.clamp(min=0)
+    s = ((xmax - xmin) / (2**bits - 1)).clamp(min=1e-8)
+    z = round_ste(-xmin / s).clamp(0, 2**bits - 1)
+    return s, z
+
+
+def quantize_sym(x: Tensor, scale: Tensor, bits: int) -> Tensor:
+    """Integer codes (as float) of the symmetric grid."""
+    return torch.clamp(round_ste(x / scale), -(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+
+
+def quantize_asym(x: Tensor, scale: Tensor, zero: Tensor, bits: int) -> Tensor:
+    return torch.clamp(round_ste(x / scale) + zero, 0, 2**bits - 1)
+
+
+def fake_quant_lastdim(x: Tensor, spec: QuantSpec, clip: Tensor | float | None = None) -> Tensor:
+    """Quantize-dequantize with one scale per row of the last dimension (per token, or per output channel).
+
+    `clip` multiplies the range (a learnable clipping factor after its sigmoid, or a fixed ratio);
+    by default spec.clip_ratio.
+    """
+    if not spec.enabled:
+        return x
+    c = spec.clip_ratio if clip is None else clip
+    if spec.symmetric:
+        absmax = x.abs().amax(dim=-1, keepdim=True) * c
+        s = sym_scale(absmax, spec.bits, spec.scale_convention)
+        # "halfstep" is IST-GPTQ's zero point 2^(b-1) on unsigned codes: the same signed code range
+        return quantize_sym(x, s, spec.bits) * s
+    s, z = asym_scale_zero(x.amin(dim=-1, keepdim=True) * c, x.amax(dim=-1, keepdim=True) * c, spec.bits)
+    return (quantize_asym(x, s, z, spec.bits) - z) * s
+
+
+def fake_quant_weight(w: Tensor, spec: QuantSpec, clip: Tensor | float | None = None) -> Tensor:
+    """Weight (out, in) quantize-dequantize per output channel, per group of `group_size` inputs, or per tensor."""
+    if not spec.enabled:
+        return w
+    out_f, in_f = w.shape
+    if spec.granularity == "channel":
+        return fake_quant_lastdim(w, spec, clip)
+    if spec.granularity == "tensor":
+        return fake_quant_lastdim(w.reshape(1, -1), spec, clip).reshape(out_f, in_f)
+    g = spec.group_size
+    if in_f % g:
+        raise ValueError(f"group_size {g} does not divide the input size {in_f}; pick a divisor or granularity=channel")
+    if isinstance(clip, Tensor) and clip.dim() == 2:  # per-channel clip -> per group rows
+        clip = clip.repeat_interleave(in_f // g, dim=0)
+    return fake_quant_lastdim(w.reshape(-1, g), spec, clip).reshape(out_f, in_f)
+
+
+def weight_scale_zero(w: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor | None]:
+    """Per-row (channel or group row) scale and zero of a weight block (used by GPTQ column by column)."""
+    if spec.symmetric:
+        absmax = w.abs().amax(dim=-1, keepdim=True) * spec.clip_ratio
+        return sym_scale(absmax, spec.bits, spec.scale_convention), None
+    return asym_scale_zero(w.amin(dim=-1, keepdim=True) * spec.clip_ratio,
+                           w.amax(dim=-1, keepdim=True) * spec.clip_ratio, spec.bits)
+
+
+def quant_dequant(x: Tensor, scale: Tensor, zero: Tensor | None, spec: QuantSpec) -> Tensor:
+    """Quantize-dequantize with a given scale (and zero): the step GPTQ applies to one column."""
+    if zero is None:
+        return quantize_sym(x, scale, spec.bits) * scale
+    return (quantize_asym(x, scale, zero, spec.bits) - zero) * scale
