@@ -10,9 +10,10 @@ from torch import Tensor
 
 from fair_calib.decoding.trace import CommitTrace
 from fair_calib.models.dllm import DiffusionLM
+from fair_calib.registry import ConfigError
 
 
-class DecodingConfigError(ValueError):
+class DecodingConfigError(ConfigError):
     """Sampler settings that cannot work (e.g. a block length that does not divide the generation length)."""
 
 

@@ -1,0 +1,3 @@
+from fair_calib.cli import main
+
+main()

@@ -1,0 +1,206 @@
+"""The one pipeline behind `fair-calib`:
+
+    model -> (Stage I) prior -> weighting -> quantizer (Stage II) -> diagnostics -> benchmark -> results
+
+Every component is built from its config group first, so bad settings fail before any weights
+are read. Results go to the run folder (`results.json`, written atomically) and to the logger.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from fair_calib.models.hf_folder import resolve_device
+from fair_calib.registry import build
+from fair_calib.utils.io import stable_hash, state_dict_hash, write_json_atomic, write_text_atomic
+
+log = logging.getLogger("fair_calib")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def average(metrics: dict[str, dict[str, float]]) -> float | None:
+    """Mean over tasks of each task's primary metric (the first one it reports)."""
+    vals = [next(iter(m.values())) for m in metrics.values() if m]
+    return float(np.mean(vals)) if vals else None
+
+
+def flat_metrics(prefix: str, metrics: dict[str, dict[str, float]]) -> dict[str, float]:
+    out = {f"{prefix}/{task}/{name}": v for task, m in metrics.items() for name, v in m.items()}
+    avg = average(metrics)
+    if avg is not None:
+        out[f"{prefix}/avg"] = avg
+    return out
+
+
+def format_table(columns: dict[str, dict[str, dict[str, float]]]) -> str:
+    """Task x method table of each task's primary metric, as aligned text (also valid Markdown)."""
+    tasks = sorted({t for m in columns.values() for t in m})
+    head = ["task"] + list(columns)
+    rows = []
+    for t in tasks + ["average"]:
+        row = [t]
+        for m in columns.values():
+            v = average(m) if t == "average" else (next(iter(m[t].values())) if m.get(t) else None)
+            row.append("-" if v is None else f"{100 * v:.1f}")
+        rows.append(row)
+    widths = [max(len(str(r[i])) for r in [head] + rows) for i in range(len(head))]
+    line = lambda r: "| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
+    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(head), sep] + [line(r) for r in rows])
+
+
+class Pipeline:
+    """Holds the built components of one run; `run()` executes the stages in order."""
+
+    def __init__(self, cfg: DictConfig, run_dir: Path) -> None:
+        self.cfg, self.run_dir = cfg, Path(run_dir)
+        self.plain: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
+        # build (and thereby validate) everything before loading weights
+        self.device = resolve_device(str(cfg.device))
+        self.model_spec = build("model", cfg.model)
+        self.quantizer = build("quantizer", cfg.quantizer)
+        self.sampler = build("decoding", cfg.decoding)
+        self.benchmark = build("benchmark", cfg.benchmark)
+        for g in getattr(self.benchmark, "gen_lengths", lambda: [])():
+            if hasattr(self.sampler, "validate"):
+                self.sampler.validate(g)
+        self.prior_probe = build("prior", cfg.prior)
+        self.weighting = build("weighting", cfg.weighting)
+        self.logger = build("logger", cfg.logger)
+        self.timings: dict[str, float] = {}
+
+    # ---- helpers ----------------------------------------------------------------------------
+    def _timed(self, key: str, fn, *args, **kwargs):
+        t0 = time.time()
+        out = fn(*args, **kwargs)
+        self.timings[key] = round(time.time() - t0, 2)
+        return out
+
+    @property
+    def method_label(self) -> str:
+        return str(self.cfg.get("method_label") or f"{self.cfg.quantizer.name} {self.quantizer.label}").strip()
+
+    def _evaluate(self, model, tag: str) -> dict[str, dict[str, float]]:
+        return self.benchmark.evaluate(model, self.sampler, seed=int(self.cfg.seed))
+
+    def _evaluate_fp_cached(self, model) -> dict[str, dict[str, float]]:
+        """FP results are the same for every quantizer of a sweep: cache them by weights + benchmark + decoding."""
+        key = stable_hash({"weights": state_dict_hash(model), "benchmark": self.plain["benchmark"],
+                           "decoding": self.plain["decoding"], "seed": self.plain["seed"]})
+        path = Path(self.cfg.cache_dir) / "fp_eval" / f"{key}.json"
+        if path.is_file() and not self.cfg.get("force", False):
+            import json
+
+            log.info("FP evaluation cache hit: %s", path)
+            return json.loads(path.read_text())["metrics"]
+        metrics = self._evaluate(model, "fp")
+        write_json_atomic(path, {"metrics": metrics})
+        return metrics
+
+    # ---- the run ----------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        cfg = self.cfg
+        seed_everything(int(cfg.seed))
+        if cfg.get("threads"):
+            torch.set_num_threads(int(cfg.threads))
+        name = f"{self.model_spec.label}/{self.method_label}"
+        tags = [self.model_spec.label, str(cfg.quantizer.name), self.quantizer.label, str(cfg.weighting.name),
+                str(cfg.prior.name)]
+        write_text_atomic(self.run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        self.logger.start(self.run_dir, self.plain, name=name, group=cfg.get("group"), tags=tags)
+        try:
+            results = self._run_stages()
+        finally:
+            self.logger.finish()
+        return results
+
+    def _run_stages(self) -> dict[str, Any]:
+        cfg = self.cfg
+        fp = self._timed("load_s", self.model_spec.load, self.device)
+        metrics: dict[str, dict[str, dict[str, float]]] = {}
+        if cfg.compare_fp:
+            metrics["FP"] = self._timed("eval_fp_s", self._evaluate_fp_cached, fp)
+
+        calib = None
+        if self.quantizer.requires_calibration or self.prior_probe is not None:
+            calib = self._timed("data_s", build, "data", cfg.data, tokenizer=fp.tokenizer)
+        prior = None
+        if self.prior_probe is not None:
+            prior = self._timed("prior_s", self.prior_probe.estimate, fp, calib.prompts,
+                                out_dir=self.run_dir / "prior")
+        token_weights = None
+        if calib is not None:
+            token_weights = self.weighting.token_weights(calib.answer_offset, calib.attention_mask, prior)
+
+        is_fp = cfg.quantizer.name == "fp"
+        qmodel = fp if is_fp else copy.deepcopy(fp)
+        report = self._timed("quantize_s", self.quantizer.quantize, qmodel, calib, token_weights)
+
+        diag: dict[str, Any] = {}
+        if cfg.diagnostics.enabled and not is_fp:
+            from fair_calib.diagnostics.runner import run_diagnostics
+
+            position_weight = None
+            if prior is not None and hasattr(self.weighting, "position_weight"):
+                position_weight = self.weighting.position_weight(prior)
+            diag = self._timed("diagnostics_s", run_diagnostics, fp, qmodel, self._diagnostic_prompts(),
+                               self.sampler, self.run_dir / "diagnostics", position_weight=position_weight,
+                               **{k: v for k, v in self.plain["diagnostics"].items() if k != "enabled"})
+
+        if not is_fp or not cfg.compare_fp:
+            metrics[self.method_label] = self._timed("eval_quant_s", self._evaluate, qmodel, "quant")
+        if cfg.get("save_quantized") and not is_fp:
+            from fair_calib.models.loading import save_dllm
+
+            save_dllm(qmodel, self.run_dir / "quantized_model")
+        return self._finish(metrics, report, diag)
+
+    def _diagnostic_prompts(self) -> list[str]:
+        prompts = getattr(self.benchmark, "diagnostic_prompts", None)
+        if prompts is None:
+            raise RuntimeError("the benchmark provides no prompts for the diagnostics; set diagnostics.enabled=false")
+        return prompts(int(self.cfg.diagnostics.n_prompts))
+
+    def _finish(self, metrics, report, diag) -> dict[str, Any]:
+        quant_key = self.method_label if self.method_label in metrics else "FP"
+        summary: dict[str, float] = {}
+        if "FP" in metrics:
+            summary.update(flat_metrics("fp", metrics["FP"]))
+        summary.update(flat_metrics("quant", metrics[quant_key]))
+        scalars = diag.get("scalars", diag) if isinstance(diag, dict) else {}
+        summary.update({k: v for k, v in scalars.items() if isinstance(v, int | float)})
+        results = {
+            "status": "ok",
+            "run": {"model": self.model_spec.label, "quantizer": self.cfg.quantizer.name,
+                    "bits": self.quantizer.label, "method": self.method_label, "prior": self.cfg.prior.name,
+                    "weighting": self.cfg.weighting.name, "seed": int(self.cfg.seed),
+                    "config_hash": stable_hash(self.plain)},
+            "metrics": metrics,
+            "summary": summary,
+            "calibration": report,
+            "timings": self.timings,
+        }
+        write_json_atomic(self.run_dir / "results.json", results)
+        self.logger.log_metrics(summary)
+        rows = [[task, name, col, v] for col, m in metrics.items() for task, tm in m.items() for name, v in tm.items()]
+        self.logger.log_table("benchmark", ["task", "metric", "method", "value"],
+                              [[r[0], r[1], r[2], r[3]] for r in rows])
+        table = format_table(metrics)
+        write_text_atomic(self.run_dir / "table.md", table + "\n")
+        print(f"\n{self.model_spec.label}  ({', '.join(f'{k}={v}s' for k, v in self.timings.items())})\n{table}\n"
+              f"results: {self.run_dir / 'results.json'}")
+        return results
