@@ -63,7 +63,8 @@ class Registry:
     def get(self, name: str) -> Callable[..., Any]:
         self._load()
         if name not in self._entries:
-            raise UnknownNameError(f"unknown {self.group} {name!r}; valid {self.group} names: {', '.join(self.names())}")
+            valid = ", ".join(self.names())
+            raise UnknownNameError(f"unknown {self.group} {name!r}; valid {self.group} names: {valid}")
         return self._entries[name]
 
     def build(self, cfg: Mapping[str, Any] | str, **kwargs: Any) -> Any:

@@ -2,7 +2,8 @@
 
 `DiffusionLM.forward(ids)` returns logits *aligned* so that `logits[:, i]` predicts token `i`
 (Dream's one-position shift is applied inside). Methods that work block by block use
-`embed`, `blocks`, `rope`, `head` (and `embed_tokens`, `final_norm`, `output_layer`) — the same four calls for every family.
+`embed`, `blocks`, `rope`, `head`
+(and `embed_tokens`, `final_norm`, `output_layer`) — the same four calls for every family.
 """
 
 from __future__ import annotations

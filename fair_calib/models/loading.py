@@ -33,7 +33,8 @@ class ModelLoadError(RuntimeError):
 def read_config(path: str | Path) -> dict:
     folder = Path(path)
     if not folder.is_dir():
-        raise ModelLoadError(f"model folder {folder} does not exist: set model.path to a local Hugging Face snapshot folder")
+        raise ModelLoadError(f"model folder {folder} does not exist: "
+                             "set model.path to a local Hugging Face snapshot folder")
     cfg_file = folder / "config.json"
     if not cfg_file.is_file():
         raise ModelLoadError(f"{folder} has no config.json: point model.path at a Hugging Face model folder")

@@ -33,7 +33,8 @@ class QuantSpec:
     def __post_init__(self) -> None:
         check_bits(self.bits)
         if self.scale_convention not in SCALE_CONVENTIONS:
-            raise ValueError(f"scale_convention {self.scale_convention!r} unknown; valid: {', '.join(SCALE_CONVENTIONS)}")
+            raise ValueError(f"scale_convention {self.scale_convention!r} unknown; "
+                             f"valid: {', '.join(SCALE_CONVENTIONS)}")
         if self.granularity not in WEIGHT_GRANULARITIES:
             raise ValueError(f"granularity {self.granularity!r} unknown; valid: {', '.join(WEIGHT_GRANULARITIES)}")
         if self.group_size < 1:

@@ -47,11 +47,13 @@ class TrainConfig:
     weight_decay: float = 0.05
     eps: float = 1e-3
     max_extra_pad: int = 16
-    task_weights: dict[str, float] = field(default_factory=lambda: {"addition": 1.0, "word_problems": 1.5, "compare": 0.5})
+    task_weights: dict[str, float] = field(
+        default_factory=lambda: {"addition": 1.0, "word_problems": 1.5, "compare": 0.5})
     seed: int = 0
     threads: int = 2
     bf16: bool = False  # bf16 autocast only pays on CPUs with native bf16 matmul (AVX-512 BF16 / AMX)
     log_every: int = 100
+    init: str = ""  # continue from a saved model folder (same architecture) instead of a fresh init
 
 
 def model_config(tc: TrainConfig, tok) -> DLLMConfig:
@@ -117,11 +119,17 @@ def train(tc: TrainConfig) -> dict:
     rnd = random.Random(tc.seed)
     gen = torch.Generator().manual_seed(tc.seed)
     tok = build_char_tokenizer(tc.vocab_size)
-    model = build_model(model_config(tc, tok))
-    model.tokenizer = tok
-    for name, p in model.named_parameters():
-        if p.dim() == 2:
-            torch.nn.init.normal_(p, std=0.02)
+    if tc.init:
+        from fair_calib.models.loading import load_dllm
+
+        model = load_dllm(tc.init)
+        model.tokenizer = tok
+    else:
+        model = build_model(model_config(tc, tok))
+        model.tokenizer = tok
+        for p in model.parameters():
+            if p.dim() == 2:
+                torch.nn.init.normal_(p, std=0.02)
     decay = [p for p in model.parameters() if p.dim() == 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay},
