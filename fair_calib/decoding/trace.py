@@ -17,7 +17,7 @@ def sharpness_scores(logits: Tensor) -> dict[str, Tensor]:
     top2 = p.topk(2, dim=-1).values
     return {
         "prob": top2[..., 0],
-        "neg_entropy": (p * logp).sum(-1),
+        "neg_entropy": -torch.special.entr(p).sum(-1),  # 0 * log 0 = 0 at masked-out (-inf) logits
         "margin": top2[..., 0] - top2[..., 1],
     }
 
