@@ -1,9 +1,13 @@
 """tinyreason: seeded synthetic reasoning tasks for the shipped tiny dLLMs.
 
 Three tasks, each a deterministic function of (split, index, seed):
-  addition      "347+58="                      -> "405"                    (exact match)
+  addition      "347+058="                     -> "0405"                   (exact match)
   word_problems "Ann has 12 pens. Ann buys 4. ..." -> "12+4=16\\n...\\n#### 13" (exact match on ####)
-  compare       "Which is larger: 47 or 52?\\nAnswer:" -> " 52" among [" 47", " 52"] (likelihood)
+  compare       "Which is larger: 047 or 052?\\nAnswer:" -> " 052" among [" 047", " 052"] (likelihood)
+
+Numbers in addition and compare are zero-padded to a fixed width (and the sum to width + 1):
+digit j of every operand then sits at a fixed offset, which a few-million-parameter bidirectional
+model learns on two CPU cores; with ragged widths it plateaus (measured: no progress in 700 steps).
 
 Splits are disjoint by construction: an example belongs to the split chosen by a hash of its
 prompt, and a generator for one split rejects prompts hashed to another.
@@ -68,8 +72,10 @@ def _number(rng: random.Random, max_digits: int) -> int:
 
 
 def make_addition(rng: random.Random, d: Difficulty) -> Example:
-    a, b = _number(rng, d.add_max_digits), _number(rng, d.add_max_digits)
-    return Example("addition", f"{a}+{b}=", str(a + b), str(a + b))
+    w = d.add_max_digits
+    a, b = _number(rng, w), _number(rng, w)
+    total = f"{a + b:0{w + 1}d}"
+    return Example("addition", f"{a:0{w}d}+{b:0{w}d}=", total, total)
 
 
 def make_word_problem(rng: random.Random, d: Difficulty) -> Example:
@@ -98,9 +104,10 @@ def make_compare(rng: random.Random, d: Difficulty) -> Example:
         b = rng.randint(0, d.cmp_max_value)
     kind = rng.choice(("larger", "smaller"))
     right = max(a, b) if kind == "larger" else min(a, b)
-    choices = (f" {a}", f" {b}")
+    w = len(str(d.cmp_max_value))
+    choices = (f" {a:0{w}d}", f" {b:0{w}d}")
     label = 0 if right == a else 1
-    prompt = f"Which is {kind}: {a} or {b}?\nAnswer:"
+    prompt = f"Which is {kind}: {a:0{w}d} or {b:0{w}d}?\nAnswer:"
     return Example("compare", prompt, choices[label], choices[label], choices, label)
 
 
@@ -137,7 +144,7 @@ def examples(task: str, split: str, n: int, seed: int = 0, difficulty: Difficult
 
 
 def extract_answer(text: str) -> str | None:
-    """Final answer of a generation: the number after '####', else the first integer."""
+    """Final answer of a generation: the number after '####', else the first integer (as written)."""
     m = ANSWER_RE.search(text)
     if m:
         return m.group(1)
