@@ -36,7 +36,7 @@ class Registry:
     def __init__(self, group: str, package: str) -> None:
         self.group, self.package = group, package
         self._entries: dict[str, Callable[..., Any]] = {}
-        self._loaded = False
+        self._loaded = self._loading = False
 
     def register(self, name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         def deco(obj: Callable[..., Any]) -> Callable[..., Any]:
@@ -48,13 +48,19 @@ class Registry:
         return deco
 
     def _load(self) -> None:
-        if self._loaded:
+        """Import every public module of the group's package; marked done only on success, so an import
+        error is raised again on the next use instead of leaving a silently partial registry."""
+        if self._loaded or self._loading:
             return
-        self._loaded = True
-        pkg = importlib.import_module(self.package)
-        for info in pkgutil.iter_modules(pkg.__path__):
-            if not info.name.startswith("_"):
-                importlib.import_module(f"{self.package}.{info.name}")
+        self._loading = True
+        try:
+            pkg = importlib.import_module(self.package)
+            for info in pkgutil.iter_modules(pkg.__path__):
+                if not info.name.startswith("_"):
+                    importlib.import_module(f"{self.package}.{info.name}")
+            self._loaded = True
+        finally:
+            self._loading = False
 
     def names(self) -> list[str]:
         self._load()

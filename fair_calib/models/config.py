@@ -60,7 +60,8 @@ class DLLMConfig:
                 "embedding_size": self.vocab_size,
                 "rope_theta": self.rope_theta,
                 "rms_norm_eps": self.norm_eps,
-                "include_bias": self.qkv_bias,
+                "include_bias": False,  # OLMo: include_bias puts a bias on every linear
+                "include_qkv_bias": self.qkv_bias,
                 "weight_tying": False,
                 "mask_token_id": self.mask_id,
                 "eos_token_id": self.eos_id,
@@ -109,7 +110,7 @@ class DLLMConfig:
                 pad_id=int(d.get("pad_token_id", d.get("eos_token_id", 126081))),
                 rope_theta=float(d.get("rope_theta", 10000.0)),
                 norm_eps=float(d.get("rms_norm_eps", 1e-5)),
-                qkv_bias=bool(d.get("include_bias", False)),
+                qkv_bias=bool(d.get("include_qkv_bias", False) or d.get("include_bias", False)),
             )
         if model_type == "dream" or "hidden_size" in d:
             n_heads = int(d["num_attention_heads"])

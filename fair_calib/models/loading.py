@@ -81,6 +81,8 @@ def load_dllm(path: str | Path, dtype: str = "float32", device: str | torch.devi
               trust_remote_code: bool = False) -> DiffusionLM:
     """Build the native LLaDA/Dream module tree from `path` and load its weights strictly."""
     folder = Path(path)
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"model.dtype={dtype} unknown; valid: {', '.join(DTYPES)}")
     raw = read_config(folder)
     model_type = str(raw.get("model_type", "")).lower()
     if model_type not in NATIVE_TYPES:
