@@ -1,13 +1,14 @@
 """tinyreason: seeded synthetic reasoning tasks for the shipped tiny dLLMs.
 
 Three tasks, each a deterministic function of (split, index, seed):
-  addition      "347+058="                     -> "0405"                   (exact match)
+  addition      "47+08="                       -> "055"                    (exact match)
   word_problems "Ann has 12 pens. Ann buys 4. ..." -> "12+4=16\\n...\\n#### 13" (exact match on ####)
-  compare       "Which is larger: 047 or 052?\\nAnswer:" -> " 052" among [" 047", " 052"] (likelihood)
+  compare       "Which is larger: 47 or 52?\\nAnswer:" -> " 52" among [" 47", " 52"] (likelihood)
 
 Numbers in addition and compare are zero-padded to a fixed width (and the sum to width + 1):
 digit j of every operand then sits at a fixed offset, which a few-million-parameter bidirectional
-model learns on two CPU cores; with ragged widths it plateaus (measured: no progress in 700 steps).
+model learns on two CPU cores; with ragged widths, or three digits, it plateaued for the first
+700 steps (about 12 minutes) of training.
 
 Splits are disjoint by construction: an example belongs to the split chosen by a hash of its
 prompt, and a generator for one split rejects prompts hashed to another.
@@ -50,12 +51,12 @@ class Example:
 class Difficulty:
     """Knobs of the generators; defaults are what the shipped models were trained on."""
 
-    add_max_digits: int = 3
+    add_max_digits: int = 2
     wp_min_steps: int = 2
     wp_max_steps: int = 3
     wp_max_start: int = 20
     wp_max_operand: int = 9
-    cmp_max_value: int = 999
+    cmp_max_value: int = 99
 
 
 def split_of(prompt: str) -> str:
