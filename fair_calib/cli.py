@@ -11,9 +11,8 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from fair_calib import CONF_DIR
 from fair_calib.registry import ConfigError
-
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 
 def _quiet_libraries() -> None:
@@ -23,7 +22,7 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=UserWarning, module="torch")
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def _app(cfg: DictConfig) -> float | None:
     from fair_calib.pipeline import Pipeline
 

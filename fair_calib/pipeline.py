@@ -19,8 +19,10 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from fair_calib import CONF_DIR
 from fair_calib.models.hf_folder import resolve_device
-from fair_calib.registry import build
+from fair_calib.quant.base import BitSettings
+from fair_calib.registry import ConfigError, build
 from fair_calib.utils.io import stable_hash, state_dict_hash, write_json_atomic, write_text_atomic
 
 log = logging.getLogger("fair_calib")
@@ -81,7 +83,21 @@ class Pipeline:
         self.prior_probe = build("prior", cfg.prior)
         self.weighting = build("weighting", cfg.weighting)
         self.logger = build("logger", cfg.logger)
+        self.baselines = {label: (c, build("quantizer", c)) for label, c in self._baseline_configs()}
         self.timings: dict[str, float] = {}
+
+    def _baseline_configs(self):
+        """`baselines: [rtn, ...]`: extra quantizers evaluated in the same run at the run's bit settings."""
+        for name in self.cfg.get("baselines") or []:
+            path = CONF_DIR / "quantizer" / f"{name}.yaml"
+            if not path.is_file():
+                valid = ", ".join(sorted(p.stem for p in path.parent.glob("*.yaml")))
+                raise ConfigError(f"baselines: no quantizer config {name!r}; valid: {valid}")
+            c = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+            for key in BitSettings.__dataclass_fields__:
+                if key in c and key in self.plain["quantizer"]:
+                    c[key] = self.plain["quantizer"][key]
+            yield f"{c['name']} {BitSettings(**{k: c[k] for k in BitSettings.__dataclass_fields__ if k in c}).label}", c
 
     # ---- helpers ----------------------------------------------------------------------------
     def _timed(self, key: str, fn, *args, **kwargs):
@@ -97,19 +113,26 @@ class Pipeline:
     def _evaluate(self, model, tag: str) -> dict[str, dict[str, float]]:
         return self.benchmark.evaluate(model, self.sampler, seed=int(self.cfg.seed))
 
-    def _evaluate_fp_cached(self, model) -> dict[str, dict[str, float]]:
-        """FP results are the same for every quantizer of a sweep: cache them by weights + benchmark + decoding."""
-        key = stable_hash({"weights": state_dict_hash(model), "benchmark": self.plain["benchmark"],
-                           "decoding": self.plain["decoding"], "seed": self.plain["seed"]})
-        path = Path(self.cfg.cache_dir) / "fp_eval" / f"{key}.json"
+    def _evaluate_cached(self, fp_model, method: dict | None, build_model=None) -> dict[str, dict[str, float]]:
+        """FP and calibration-free baselines give the same numbers in every job of a sweep: cache them
+        by (FP weights, method config, benchmark, decoding, seed)."""
+        key = stable_hash({"weights": state_dict_hash(fp_model), "method": method,
+                           "benchmark": self.plain["benchmark"], "decoding": self.plain["decoding"],
+                           "seed": self.plain["seed"]})
+        path = Path(self.cfg.cache_dir) / "eval" / f"{key}.json"
         if path.is_file() and not self.cfg.get("force", False):
             import json
 
-            log.info("FP evaluation cache hit: %s", path)
+            log.info("evaluation cache hit (%s): %s", (method or {}).get("name", "fp"), path)
             return json.loads(path.read_text())["metrics"]
-        metrics = self._evaluate(model, "fp")
-        write_json_atomic(path, {"metrics": metrics})
+        metrics = self._evaluate(build_model() if build_model else fp_model, "cached")
+        write_json_atomic(path, {"metrics": metrics, "method": method})
         return metrics
+
+    def _quantized_copy(self, fp, quantizer, calib, token_weights):
+        q = copy.deepcopy(fp)
+        quantizer.quantize(q, calib, token_weights)
+        return q
 
     # ---- the run ----------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -133,10 +156,12 @@ class Pipeline:
         fp = self._timed("load_s", self.model_spec.load, self.device)
         metrics: dict[str, dict[str, dict[str, float]]] = {}
         if cfg.compare_fp:
-            metrics["FP"] = self._timed("eval_fp_s", self._evaluate_fp_cached, fp)
+            metrics["FP"] = self._timed("eval_fp_s", self._evaluate_cached, fp, None)
 
         calib = None
-        if self.quantizer.requires_calibration or self.prior_probe is not None:
+        needs_data = [self.quantizer.requires_calibration, self.prior_probe is not None,
+                      *(b.requires_calibration for _, b in self.baselines.values())]
+        if any(needs_data):
             calib = self._timed("data_s", build, "data", cfg.data, tokenizer=fp.tokenizer)
         prior = None
         if self.prior_probe is not None:
@@ -145,6 +170,13 @@ class Pipeline:
         token_weights = None
         if calib is not None:
             token_weights = self.weighting.token_weights(calib.answer_offset, calib.attention_mask, prior)
+        for label, (bcfg, bq) in self.baselines.items():
+            if bq.requires_calibration:  # calibrated baselines use the plain (uniform) objective
+                metrics[label] = self._timed(f"baseline_{bcfg['name']}_s", self._evaluate,
+                                             self._quantized_copy(fp, bq, calib, None), "baseline")
+            else:
+                metrics[label] = self._timed(f"baseline_{bcfg['name']}_s", self._evaluate_cached, fp, bcfg,
+                                             lambda bq=bq: self._quantized_copy(fp, bq, None, None))
 
         is_fp = cfg.quantizer.name == "fp"
         qmodel = fp if is_fp else copy.deepcopy(fp)

@@ -14,11 +14,10 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from fair_calib import CONF_DIR
 from fair_calib.models.loading import load_dllm
 from fair_calib.registry import build
 from fair_calib.utils.io import write_text_atomic
-
-CONF = Path(__file__).resolve().parents[2] / "conf"
 
 
 def train_command(tc: dict) -> str:
@@ -37,7 +36,7 @@ def write_card(folder: str | Path, seed: int = 0, threads: int | None = None) ->
     model = load_dllm(folder)
     info = json.loads((folder / "training.json").read_text())
     tc = info["train_config"]
-    decoding = OmegaConf.to_container(OmegaConf.load(CONF / "decoding" / f"{model.config.family}.yaml"))
+    decoding = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "decoding" / f"{model.config.family}.yaml"))
     sampler = build("decoding", decoding)
     bench = build("benchmark", {"name": "tiny"})
     t0 = time.time()

@@ -41,7 +41,7 @@ class TrainConfig:
     intermediate_size: int = 384
     vocab_size: int = 128
     rope_theta: float = 10000.0
-    steps: int = 4000
+    steps: int = 2400
     batch_size: int = 64
     lr: float = 2e-3
     min_lr_ratio: float = 0.05
@@ -55,6 +55,7 @@ class TrainConfig:
     threads: int = 2
     bf16: bool = False  # bf16 autocast only pays on CPUs with native bf16 matmul (AVX-512 BF16 / AMX)
     log_every: int = 100
+    save_every: int = 500  # checkpoint the folder during training too (resumable with --init)
     init: str = ""  # continue from a saved model folder (same architecture) instead of a fresh init
 
 
@@ -162,10 +163,15 @@ def train(tc: TrainConfig) -> dict:
             history.append({"step": step, "loss": loss.item(), "elapsed_s": round(time.time() - start, 1), **acc})
             bar.set_postfix(loss=f"{loss.item():.3f}", **{k[:4]: f"{v:.2f}" for k, v in acc.items()})
             print(json.dumps(history[-1]), flush=True)
-    wall = time.time() - start
+        if tc.save_every and step and step % tc.save_every == 0:
+            _save(model, tc, history, time.time() - start, step)
     model.eval()
-    info = {"train_config": asdict(tc), "wall_time_s": round(wall, 1), "parameters": model.num_parameters(),
-            "history": history}
+    return _save(model, tc, history, time.time() - start, tc.steps)
+
+
+def _save(model: DiffusionLM, tc: TrainConfig, history: list[dict], wall: float, steps_done: int) -> dict:
+    info = {"train_config": asdict(tc), "steps_done": steps_done, "wall_time_s": round(wall, 1),
+            "parameters": model.num_parameters(), "history": history}
     save_dllm(model, tc.out, extra_files={"training.json": json.dumps(info, indent=2) + "\n"})
     return info
 
