@@ -1,0 +1,238 @@
+"""GPTQ (Frantar et al. 2023; DESIGN 4.3) with IST-DASLab reference semantics and per-token weights.
+
+Statistics (`HessianAccumulator`): H = (2 / n) sum_i w_i x_i x_i^T over calibration tokens i, fp32,
+n = sum_i w_i (w = the FAIR-Calib token weights; all ones gives the reference Hessian up to a constant,
+which GPTQ is invariant to).
+
+Solve (`gptq_solve`, the paper's algorithm box): dead columns (H_dd = 0) get H_dd = 1 and a zero
+weight column; H += percdamp * mean(diag H) * I; U = upper Cholesky factor of H^-1 (cholesky ->
+cholesky_inverse -> cholesky(upper)); columns are quantized left to right (optionally in descending
+diag(H) order, `act_order`), each column's error (w - q) / U_jj is spread over the remaining columns
+of its 128-column block at once and over later blocks lazily:  W[:, j:] -= err_j U[j, j:].
+Group scales are found when the first column of a group is reached (from the weights as updated up
+to the previous block boundary, as the reference does), or up front from the original weights
+(`static_groups`). Cholesky failure -> damping x10 and retry (`max_damp_retries`), then RTN for that
+layer with a warning; the result is checked for NaN/inf.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from fair_calib.models.block import LINEAR_ROLES
+from fair_calib.models.dllm import DiffusionLM
+from fair_calib.quant.engine import BlockContext, Collector, LayerwiseMethod, check_group_size, write_quantized_weight
+from fair_calib.quant.grids import QuantSpec, fake_quant_weight, quant_dequant, weight_scale_zero
+from fair_calib.registry import ConfigError, register
+
+log = logging.getLogger(__name__)
+
+# which activation each linear reads: linears with the same source and input transform share one Hessian
+INPUT_SOURCE = {"q": "attn_in", "k": "attn_in", "v": "attn_in", "o": "attn_ctx", "gate": "mlp_in", "up": "mlp_in",
+                "down": "mlp_mid"}
+# true-sequential order (QuaRot / IST `--true-sequential`): later groups see the already quantized earlier ones
+SEQUENTIAL_GROUPS = (("q", "k", "v"), ("o",), ("gate", "up"), ("down",))
+
+
+class CholeskyError(RuntimeError):
+    """H + damping is not numerically positive definite."""
+
+
+class HessianAccumulator:
+    """S = sum_i w_i x_i x_i^T and n = sum_i w_i in fp32; `hessian()` = 2 S / n (zero-weight tokens are skipped)."""
+
+    def __init__(self, columns: int, device: torch.device | str = "cpu") -> None:
+        self.columns = columns
+        self.S = torch.zeros(columns, columns, dtype=torch.float32, device=device)
+        self.n = 0.0
+
+    @torch.no_grad()
+    def add(self, x: Tensor, w: Tensor | None = None) -> None:
+        """x (..., columns) inputs, w (...) token weights (None = 1)."""
+        x = x.reshape(-1, self.columns).float()
+        if w is None:
+            w = torch.ones(x.shape[0], dtype=torch.float32, device=x.device)
+        w = w.reshape(-1).float().to(x.device)
+        keep = w > 0
+        x, w = x[keep], w[keep]
+        self.S.addmm_((x * w[:, None]).T, x)
+        self.n += float(w.sum())
+
+    def hessian(self) -> Tensor:
+        if self.n <= 0:
+            return torch.zeros_like(self.S)
+        return self.S * (2.0 / self.n)
+
+
+def upper_cholesky_of_inverse(H: Tensor) -> Tensor:
+    """U upper triangular with U^T U = H^-1 (via L = chol(H), H^-1 = cholesky_inverse(L), U = chol(H^-1, upper))."""
+    L, info = torch.linalg.cholesky_ex(H)
+    if int(info) != 0:
+        raise CholeskyError(f"cholesky(H) failed at minor {int(info)}")
+    Hinv = torch.cholesky_inverse(L)
+    U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+    if int(info) != 0 or not bool(torch.isfinite(U).all()):
+        raise CholeskyError("cholesky(H^-1) failed")
+    return U
+
+
+def _row_grid(w: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor | None]:
+    """Per-row scale/zero for channel granularity, one shared scale/zero (broadcast to rows) for tensor."""
+    if spec.granularity == "tensor":
+        s, z = weight_scale_zero(w.reshape(1, -1), spec)
+        rows = w.shape[0]
+        return s.expand(rows, 1), (None if z is None else z.expand(rows, 1))
+    return weight_scale_zero(w, spec)
+
+
+@torch.no_grad()
+def gptq_solve(W: Tensor, H: Tensor, spec: QuantSpec, blocksize: int = 128, percdamp: float = 0.01,
+               act_order: bool = False, static_groups: bool = False) -> tuple[Tensor, float]:
+    """Quantize W (rows, cols) against Hessian H (cols, cols); returns (Q on the grid, sum of GPTQ losses).
+
+    loss = sum_j (w_j - q_j)^2 / (2 U_jj^2). Raises CholeskyError when H + damping is not positive definite.
+    """
+    W = W.detach().clone().float()
+    H = H.detach().clone().float().to(W.device)
+    rows, cols = W.shape
+    grouped = spec.granularity == "group"
+    g = spec.group_size
+    scale, zero = (None, None) if grouped else _row_grid(W, spec)  # from the original weights, as the reference
+
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+
+    groups: list[tuple[Tensor, Tensor | None]] = []
+    if grouped and static_groups:
+        groups = [weight_scale_zero(W[:, i: i + g], spec) for i in range(0, cols, g)]
+
+    perm = invperm = None
+    if act_order:
+        perm = torch.argsort(torch.diag(H), descending=True)
+        W, H = W[:, perm], H[perm][:, perm]
+        invperm = torch.argsort(perm)
+
+    damp = percdamp * torch.mean(torch.diag(H))
+    idx = torch.arange(cols, device=W.device)
+    H[idx, idx] += damp
+    Hinv = upper_cholesky_of_inverse(H)
+
+    Q = torch.zeros_like(W)
+    losses = torch.zeros(rows, dtype=torch.float32, device=W.device)
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        W1 = W[:, i1:i2].clone()
+        Q1, Err1 = torch.zeros_like(W1), torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if grouped:
+                if static_groups:
+                    scale, zero = groups[(int(perm[col]) if perm is not None else col) // g]
+                elif col % g == 0:
+                    scale, zero = weight_scale_zero(W[:, col: col + g], spec)
+            w, d = W1[:, i], Hinv1[i, i]
+            q = quant_dequant(w.unsqueeze(1), scale, zero, spec).flatten()
+            Q1[:, i] = q
+            losses += (w - q) ** 2 / d**2 / 2
+            err = (w - q) / d
+            W1[:, i:] -= err.unsqueeze(1).matmul(Hinv1[i, i:].unsqueeze(0))
+            Err1[:, i] = err
+        Q[:, i1:i2] = Q1
+        W[:, i2:] -= Err1.matmul(Hinv[i1:i2, i2:])
+    if invperm is not None:
+        Q = Q[:, invperm]
+    return Q, float(losses.sum())
+
+
+@torch.no_grad()
+def gptq_quantize(W: Tensor, H: Tensor, spec: QuantSpec, blocksize: int = 128, percdamp: float = 0.01,
+                  act_order: bool = False, static_groups: bool = False, max_damp_retries: int = 4,
+                  name: str = "") -> tuple[Tensor, dict[str, Any]]:
+    """`gptq_solve` with damping x10 retries on Cholesky failure, then an RTN fallback; never returns NaN/inf."""
+    info: dict[str, Any] = {"percdamp": percdamp, "retries": 0, "fallback": False, "loss": None}
+    if bool(torch.isfinite(H).all()):
+        for k in range(max_damp_retries + 1):
+            pd = percdamp * 10**k if percdamp > 0 else (0.0 if k == 0 else 1e-4 * 10 ** (k - 1))
+            try:
+                Q, loss = gptq_solve(W, H, spec, blocksize, pd, act_order, static_groups)
+            except CholeskyError:
+                continue
+            if bool(torch.isfinite(Q).all()):
+                info.update(percdamp=pd, retries=k, loss=loss)
+                return Q, info
+    log.warning("GPTQ on %s: Hessian not positive definite (or not finite) after %d damping retries; "
+                "falling back to RTN for this layer", name or "<layer>", max_damp_retries)
+    info.update(fallback=True, retries=max_damp_retries)
+    return fake_quant_weight(W.detach().float(), spec), info
+
+
+@register("quantizer", "gptq")
+class GPTQ(LayerwiseMethod):
+    """Every block linear by GPTQ; activations (and K/V) quantized per token on the fly per the bit settings.
+
+    propagate defaults to "weights": the next block sees outputs of the weight-quantized block with
+    full-precision activations, as in the IST-DASLab and QuaRot references (Hessians also come from
+    full-precision activations); "quantized" propagates fully quantized outputs.
+    """
+
+    name = "gptq"
+    default_propagate = "weights"
+
+    def __init__(self, blocksize: int = 128, percdamp: float = 0.01, act_order: bool = False,
+                 static_groups: bool = False, true_sequential: bool = True, max_damp_retries: int = 4,
+                 **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if int(blocksize) < 1 or percdamp < 0 or int(max_damp_retries) < 0:
+            raise ConfigError(f"quantizer=gptq needs blocksize >= 1, percdamp >= 0, max_damp_retries >= 0; "
+                              f"got {blocksize}, {percdamp}, {max_damp_retries}")
+        self.blocksize, self.percdamp = int(blocksize), float(percdamp)
+        self.act_order, self.static_groups = bool(act_order), bool(static_groups)
+        self.true_sequential, self.max_damp_retries = bool(true_sequential), int(max_damp_retries)
+        self._hessians: dict[str, HessianAccumulator] = {}
+
+    @property
+    def groups(self) -> tuple[tuple[str, ...], ...]:
+        return SEQUENTIAL_GROUPS if self.true_sequential else (LINEAR_ROLES,)
+
+    def prepare_model(self, model: DiffusionLM, calib: Any) -> None:
+        check_group_size(model, self.bits.weight_spec(), self.name)
+        super().prepare_model(model, calib)
+
+    def _collectors(self, block: nn.Module, roles: tuple[str, ...], device: torch.device) -> dict[str, Collector]:
+        """One Hessian per distinct input (source tap, input transform); roles reading the same input share it."""
+        self._hessians, shared, collectors = {}, {}, {}
+        for role in roles:
+            lin = block.role(role)
+            key = (INPUT_SOURCE[role], id(getattr(lin, "input_transform", None)))
+            if key not in shared:
+                shared[key] = HessianAccumulator(lin.in_features, device)
+                collectors[role] = shared[key].add
+            self._hessians[role] = shared[key]
+        return collectors
+
+    def collect(self, block: nn.Module, ctx: BlockContext) -> dict[str, Collector]:
+        return self._collectors(block, self.groups[0], ctx.device)
+
+    def quantize_block(self, block: nn.Module, ctx: BlockContext) -> dict[str, Any]:
+        spec = self.bits.weight_spec()
+        layers: dict[str, Any] = {}
+        for gi, roles in enumerate(self.groups):
+            if gi > 0:  # inputs of this group, through the already-quantized earlier groups
+                ctx.run(self._collectors(block, roles, ctx.device))
+            for role in roles:
+                q = block.role(role)
+                if not spec.enabled:
+                    continue
+                H = self._hessians[role].hessian()
+                Q, info = gptq_quantize(q.weight.data, H, spec, self.blocksize, self.percdamp, self.act_order,
+                                        self.static_groups, self.max_damp_retries, name=getattr(q, "name", role))
+                write_quantized_weight(q, Q)
+                layers[role] = info
+            self._hessians = {}
+        return {"layers": layers, "fallbacks": sum(int(v["fallback"]) for v in layers.values())}
