@@ -1,0 +1,175 @@
+"""The layer-wise engine: capture, collectors, per-block errors, propagation modes, block moves, offload."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from fair_calib.data.calibration import CalibrationSet, tinyreason_calibration
+from fair_calib.quant import engine as engine_mod
+from fair_calib.quant.engine import ErrorMeter, LayerwiseMethod, freeze_linears, weight_only
+from fair_calib.registry import ConfigError
+
+
+class Probe(LayerwiseMethod):
+    """Records what the engine hands to a method; RTN-freezes the block (or leaves it FP)."""
+
+    name = "probe"
+
+    def __init__(self, rtn: bool = True, **kwargs) -> None:
+        super().__init__(progress=False, **kwargs)
+        self.rtn, self.inputs, self.collected, self.weights_seen = rtn, [], [], []
+
+    def collect(self, block, ctx):
+        stats = []
+        self.collected.append(stats)
+        return {"q": lambda x, w: stats.append((x.clone(), w.clone()))}
+
+    def quantize_block(self, block, ctx):
+        self.inputs.append(ctx.inputs.data.clone())
+        self.weights_seen.append(ctx.token_weights.clone())
+        if self.rtn:
+            freeze_linears(block)
+        return {"probe": ctx.index}
+
+
+def _calib(tok, n=4) -> CalibrationSet:
+    cs = tinyreason_calibration(tok, n_samples=n, tasks=["addition"])
+    cs.attention_mask[1, -2:] = 0  # some real padding, to see weight 0 at work
+    return cs
+
+
+def _fp_block0(model, calib):
+    with torch.no_grad():
+        h = model.embed(calib.input_ids)
+        bias = model.attention_bias(calib.attention_mask, h.dtype)
+        return model.blocks[0](h, model.rope(h.shape[1]), bias)
+
+
+def test_error_meter_by_hand():
+    y = torch.tensor([[[1.0, 2.0], [3.0, 4.0]]])
+    ref = torch.tensor([[[0.0, 0.0], [1.0, 1.0]]])
+    m = ErrorMeter()
+    m.add(y, ref, torch.tensor([[2.0, 0.0]]), torch.tensor([[1, 1]]))
+    r = m.result()
+    # per-token mean squared errors: (1 + 4) / 2 = 2.5 and (4 + 9) / 2 = 6.5
+    assert r["mse"] == pytest.approx((2.5 + 6.5) / 2)
+    assert r["mse_weighted"] == pytest.approx(2.5)  # the second token has weight 0
+    m2 = ErrorMeter()
+    m2.add(y, ref + 1, torch.tensor([[1.0, 1.0]]), torch.tensor([[1, 0]]))
+    # errors vs ref+1: token0 (0, 1) -> 0.5; token1 (1, 2) -> 2.5; ref energy 1 and 4
+    assert m2.result()["mse"] == pytest.approx(0.5)
+    assert m2.result()["mse_weighted"] == pytest.approx(1.5)
+    assert m2.result()["rel_weighted"] == pytest.approx((0.5 + 2.5) / (1 + 4))
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_fp_propagation_feeds_fp_hidden_states(family, char_tokenizer):
+    from conftest import make_tiny
+
+    model = make_tiny(family)
+    fp = copy.deepcopy(model)
+    calib = _calib(char_tokenizer)
+    probe = Probe(propagate="fp", w_bits=4, a_bits=4, batch_size=3)
+    report = probe.quantize(model, calib)
+    assert [b["block"] for b in report["blocks"]] == [0, 1] and report["propagate"] == "fp"
+    assert all(b["mse_weighted"] > 0 and b["rel_weighted"] > 0 and b["probe"] == b["block"] for b in report["blocks"])
+    torch.testing.assert_close(probe.inputs[0], fp.embed(calib.input_ids).detach())
+    torch.testing.assert_close(probe.inputs[1], _fp_block0(fp, calib), rtol=1e-5, atol=1e-6)
+    # default token weights: 1 on real tokens, 0 on padding
+    assert torch.equal(probe.weights_seen[0], calib.attention_mask.float())
+    # collectors saw the normed input of q for every batch (3 + 1 rows) with the batch's weights
+    xs, ws = zip(*probe.collected[0])
+    assert [x.shape[0] for x in xs] == [3, 1]
+    normed = fp.blocks[0].role("attn_norm")(fp.embed(calib.input_ids)).detach()
+    torch.testing.assert_close(torch.cat(xs), normed)
+    assert torch.equal(torch.cat(ws), calib.attention_mask.float())
+
+
+@pytest.mark.parametrize("mode", ["quantized", "weights"])
+def test_quantized_propagation_feeds_quantized_outputs(mode, tiny_llada, char_tokenizer):
+    fp = copy.deepcopy(tiny_llada)
+    calib = _calib(char_tokenizer)
+    probe = Probe(propagate=mode, w_bits=4, a_bits=4)
+    probe.quantize(tiny_llada, calib)
+    with torch.no_grad():
+        if mode == "weights":
+            with weight_only(tiny_llada.blocks[0]):
+                expect = _fp_block0(tiny_llada, calib)
+        else:
+            expect = _fp_block0(tiny_llada, calib)
+    torch.testing.assert_close(probe.inputs[1], expect, rtol=1e-5, atol=1e-6)
+    fp_h1 = _fp_block0(fp, calib)
+    assert (probe.inputs[1] - fp_h1).pow(2).mean() > 1e-6  # the quantization error is propagated
+    if mode == "weights":  # weight-only outputs differ from fully quantized ones at A4
+        assert (probe.inputs[1] - _fp_block0(tiny_llada, calib)).abs().max() > 1e-5
+
+
+def test_full_precision_method_has_zero_error_and_fp_stream(tiny_dream, char_tokenizer):
+    calib = _calib(char_tokenizer)
+    ref = tiny_dream(calib.input_ids, calib.attention_mask).detach()
+    report = Probe(rtn=False, w_bits=16, a_bits=16, track_fp_stream=True).quantize(tiny_dream, calib)
+    for b in report["blocks"]:
+        assert b["mse"] == 0.0 and b["mse_weighted"] == 0.0 and b["vs_fp_mse"] == 0.0
+    torch.testing.assert_close(tiny_dream(calib.input_ids, calib.attention_mask), ref)
+
+
+def test_fp_stream_tracks_accumulated_error(tiny_llada, char_tokenizer):
+    calib = _calib(char_tokenizer)
+    report = Probe(propagate="quantized", w_bits=3, a_bits=4, track_fp_stream=True).quantize(tiny_llada, calib)
+    b0, b1 = report["blocks"]
+    assert b0["vs_fp_mse_weighted"] == pytest.approx(b0["mse_weighted"], rel=1e-6)  # same inputs at block 0
+    assert b1["vs_fp_mse_weighted"] > b1["mse_weighted"]  # block 1's inputs already carry block 0's error
+
+
+def test_token_weights_reach_the_error(tiny_llada, char_tokenizer):
+    calib = _calib(char_tokenizer)
+    w = torch.zeros(calib.attention_mask.shape)
+    w[0, 3] = 1.0
+    probe = Probe(w_bits=4, a_bits=4)
+    report = probe.quantize(copy.deepcopy(tiny_llada), calib, token_weights=w)
+    assert torch.equal(probe.weights_seen[0], w)
+    assert report["token_weight_sum"] == 1.0
+    uniform = Probe(w_bits=4, a_bits=4).quantize(copy.deepcopy(tiny_llada), calib)
+    assert report["blocks"][0]["mse"] == pytest.approx(uniform["blocks"][0]["mse"], rel=1e-6)
+    assert report["blocks"][0]["mse_weighted"] != pytest.approx(uniform["blocks"][0]["mse_weighted"], rel=1e-3)
+    with pytest.raises(ValueError, match="shape"):
+        Probe().quantize(copy.deepcopy(tiny_llada), calib, token_weights=w[:, :3])
+    with pytest.raises(ValueError, match="all zero"):
+        Probe().quantize(copy.deepcopy(tiny_llada), calib, token_weights=torch.zeros_like(w))
+    with pytest.raises(ConfigError, match="calibration data"):
+        Probe().quantize(tiny_llada, None)
+
+
+def test_one_block_at_a_time_on_the_device(tiny_llada, char_tokenizer, monkeypatch):
+    moves = []
+    real = engine_mod.move_block
+
+    def record(block, device):
+        moves.append((list(tiny_llada.blocks).index(block), str(device)))
+        real(block, device)
+
+    monkeypatch.setattr(engine_mod, "move_block", record)
+    Probe(device="cpu").quantize(tiny_llada, _calib(char_tokenizer))
+    assert moves == [(0, "cpu"), (0, "cpu"), (1, "cpu"), (1, "cpu")]  # to the device, back home, next block
+
+
+def test_disk_offload_and_batch_size_give_the_same_result(tiny_llada, char_tokenizer, tmp_path):
+    calib = _calib(char_tokenizer)
+    a, b = copy.deepcopy(tiny_llada), copy.deepcopy(tiny_llada)
+    ra = Probe(batch_size=4).quantize(a, calib)
+    rb = Probe(batch_size=1, offload="disk", offload_dir=str(tmp_path)).quantize(b, calib)
+    assert list(tmp_path.iterdir()) == []  # temporary activation files are removed
+    for x, y in zip(ra["blocks"], rb["blocks"]):
+        assert x["mse_weighted"] == pytest.approx(y["mse_weighted"], rel=1e-5)
+    for (n, p), (_, q) in zip(a.state_dict().items(), b.state_dict().items()):
+        torch.testing.assert_close(p, q, msg=n)
+
+
+def test_engine_settings_are_validated():
+    for kwargs, key in [({"propagate": "sideways"}, "propagate"), ({"offload": "tape"}, "offload"),
+                        ({"batch_size": 0}, "batch_size")]:
+        with pytest.raises(ConfigError, match=key):
+            Probe(**kwargs)

@@ -1,0 +1,205 @@
+"""GPTQ: weighted Hessian, the solve against hand-worked cases and RTN, damping / fallback, the quantizer end to end."""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import pytest
+import torch
+
+from fair_calib.data.calibration import tinyreason_calibration
+from fair_calib.quant.gptq import GPTQ, HessianAccumulator, gptq_quantize, gptq_solve
+from fair_calib.quant.grids import QuantSpec, fake_quant_weight
+from fair_calib.quant.qlinear import qlinears
+from fair_calib.registry import ConfigError, build
+
+W4 = QuantSpec(bits=4)
+
+
+def test_weighted_hessian_by_hand():
+    """H = (2 / n) sum_i w_i x_i x_i^T: x1 = (1, 2) w 1, x2 = (3, 0) w 3 -> S = [[28, 2], [2, 4]], n = 4."""
+    acc = HessianAccumulator(2)
+    acc.add(torch.tensor([[[1.0, 2.0], [3.0, 0.0]]]), torch.tensor([[1.0, 3.0]]))
+    torch.testing.assert_close(acc.hessian(), torch.tensor([[14.0, 1.0], [1.0, 2.0]]))
+    assert acc.n == 4.0
+
+
+def test_zero_weight_token_has_no_influence_on_the_hessian():
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 6)
+    w = torch.rand(2, 5) + 0.5
+    x_bad, w_bad = x.clone(), w.clone()
+    x_bad[1, 2] = 1e6  # an outlier token ...
+    w_bad[1, 2] = 0.0  # ... with weight 0
+    with_token, without = HessianAccumulator(6), HessianAccumulator(6)
+    with_token.add(x_bad, w_bad)
+    keep = torch.ones(2, 5, dtype=torch.bool)
+    keep[1, 2] = False
+    without.add(x[keep], w[keep])
+    assert torch.equal(with_token.hessian(), without.hessian())
+    # weight 2 on a token = that token twice
+    twice, doubled = HessianAccumulator(6), HessianAccumulator(6)
+    twice.add(torch.cat([x[0], x[0, :1]]))
+    wd = torch.ones(5)
+    wd[0] = 2.0
+    doubled.add(x[0], wd)
+    torch.testing.assert_close(twice.hessian(), doubled.hessian())
+
+
+@pytest.mark.parametrize("spec", [
+    QuantSpec(bits=4), QuantSpec(bits=4, scale_convention="halfstep"), QuantSpec(bits=3, symmetric=False),
+    QuantSpec(bits=4, granularity="group", group_size=8), QuantSpec(bits=4, granularity="tensor"),
+])
+def test_identity_hessian_equals_rtn(spec):
+    torch.manual_seed(1)
+    W = torch.randn(12, 32)
+    Q, _ = gptq_solve(W, torch.eye(32), spec, blocksize=16)
+    torch.testing.assert_close(Q, fake_quant_weight(W, spec), rtol=0, atol=1e-6)
+    if spec.granularity == "group":  # static groups come from the original columns, whatever the order
+        Q, _ = gptq_solve(W, torch.eye(32) * torch.linspace(1, 2, 32), spec, act_order=True, static_groups=True)
+        torch.testing.assert_close(Q, fake_quant_weight(W, spec), rtol=0, atol=1e-6)
+
+
+def test_two_by_two_case_worked_by_hand():
+    """Row (0.46, 0.70), scale 0.7 / 7 = 0.1, H = [[4, 1.9], [1.9, 1]] (no damping).
+
+    q1 = 0.5, e1 = -0.04; the optimal update of w2 given q1 is w2 + e1 * H12 / H22 = 0.70 - 0.076 = 0.624,
+    which rounds to 0.6 (RTN keeps 0.7). Row (0.70, -0.12) has e1 = 0, so it is plain RTN: (0.7, -0.1).
+    """
+    W = torch.tensor([[0.46, 0.70], [0.70, -0.12]])
+    H = torch.tensor([[4.0, 1.9], [1.9, 1.0]])
+    Q, _ = gptq_solve(W, H, W4, percdamp=0.0)
+    torch.testing.assert_close(Q, torch.tensor([[0.5, 0.6], [0.7, -0.1]]))
+    rtn = fake_quant_weight(W, W4)
+    torch.testing.assert_close(rtn, torch.tensor([[0.5, 0.7], [0.7, -0.1]]))
+    # objective (w - q) H (w - q)^T of row 1: GPTQ 0.0064 - 0.0152 + 0.01 = 0.0012, RTN 0.0064
+    e_gptq, e_rtn = W[0] - Q[0], W[0] - rtn[0]
+    assert float(e_gptq @ H @ e_gptq) == pytest.approx(0.0012, abs=1e-6)
+    assert float(e_rtn @ H @ e_rtn) == pytest.approx(0.0064, abs=1e-6)
+
+
+def _correlated(n_tokens=512, dim=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n_tokens, 6, generator=g)
+    mix = torch.randn(6, dim, generator=g)
+    return z @ mix + 0.05 * torch.randn(n_tokens, dim, generator=g)
+
+
+@pytest.mark.parametrize("act_order, spec", [(False, W4), (True, W4),
+                                              (True, QuantSpec(bits=4, granularity="group", group_size=8))])
+def test_gptq_beats_rtn_on_correlated_inputs_weighted(act_order, spec):
+    x = _correlated()
+    w = torch.rand(x.shape[0], generator=torch.Generator().manual_seed(3)) * 2
+    W = torch.randn(16, 32, generator=torch.Generator().manual_seed(4))
+    acc = HessianAccumulator(32)
+    acc.add(x, w)
+    Q, info = gptq_quantize(W, acc.hessian(), spec, act_order=act_order, static_groups=act_order)
+    assert not info["fallback"] and torch.isfinite(Q).all()
+
+    def err(Wq):  # sum_i w_i ||x_i (W - Wq)^T||^2 / sum_i w_i
+        return float(((x @ (W - Wq).T).pow(2).sum(-1) * w).sum() / w.sum())
+
+    assert err(Q) < 0.5 * err(fake_quant_weight(W, spec))
+
+
+def test_act_order_and_groups_stay_on_the_grid():
+    x = _correlated()
+    W = torch.randn(8, 32, generator=torch.Generator().manual_seed(5))
+    acc = HessianAccumulator(32)
+    acc.add(x)
+    spec = QuantSpec(bits=4, granularity="group", group_size=8)
+    for static in (False, True):
+        Q, _ = gptq_solve(W, acc.hessian(), spec, blocksize=8, act_order=True, static_groups=static)
+        assert torch.isfinite(Q).all()
+        if static:  # each original group is on the grid of its scale absmax(W_group) / 7
+            scale = W.reshape(8, 4, 8).abs().amax(-1, keepdim=True) / 7
+            codes = Q.reshape(8, 4, 8) / scale
+            torch.testing.assert_close(codes, codes.round(), rtol=0, atol=1e-4)
+            assert codes.abs().max() <= 8
+        else:  # groups = consecutive columns in act order, each on a grid s * {-8..7}: max |q| = k s, k <= 8
+            perm = torch.argsort(torch.diag(acc.hessian()), descending=True)
+            for g in Q[:, perm].reshape(32, 8):
+                on_grid = [torch.allclose(g / (g.abs().max() / k), (g / (g.abs().max() / k)).round(), atol=1e-4)
+                           for k in range(1, 9)]
+                assert any(on_grid)
+            assert not torch.allclose(Q, fake_quant_weight(W, spec))
+
+
+def test_dead_columns_are_zero():
+    W = torch.randn(4, 6)
+    H = torch.eye(6) * 2
+    H[2, 2] = 0.0
+    Q, _ = gptq_solve(W, H, W4)
+    assert torch.equal(Q[:, 2], torch.zeros(4))
+
+
+def test_rank_deficient_hessian_is_damped_until_it_factors():
+    W = torch.randn(4, 4, generator=torch.Generator().manual_seed(0))
+    H = torch.ones(4, 4)  # rank 1: Cholesky without damping fails at the second pivot
+    Q, info = gptq_quantize(W, H, W4, percdamp=0.0)
+    assert info["retries"] >= 1 and info["percdamp"] > 0 and not info["fallback"]
+    assert torch.isfinite(Q).all()
+    x = torch.randn(3, 8)  # fewer tokens than columns: the reference damping alone suffices
+    acc = HessianAccumulator(8)
+    acc.add(x)
+    Q, info = gptq_quantize(torch.randn(5, 8), acc.hessian(), W4)
+    assert info["retries"] == 0 and torch.isfinite(Q).all()
+
+
+def test_indefinite_or_nan_hessian_falls_back_to_rtn(caplog):
+    W = torch.randn(4, 4)
+    for H in (-torch.eye(4), torch.full((4, 4), float("nan"))):
+        with caplog.at_level(logging.WARNING, logger="fair_calib.quant.gptq"):
+            Q, info = gptq_quantize(W, H, W4, max_damp_retries=2, name="blocks.0.q")
+        assert info["fallback"] and torch.equal(Q, fake_quant_weight(W, W4))
+        assert "blocks.0.q" in caplog.text
+
+
+def _logit_err(model, ref, calib):
+    with torch.no_grad():
+        out = model(calib.input_ids)
+    return float((out - ref).pow(2).mean() / ref.pow(2).mean())
+
+
+def test_gptq_quantizer_end_to_end(tiny_llada, char_tokenizer):
+    calib = tinyreason_calibration(char_tokenizer, n_samples=6, tasks=["addition", "compare"])
+    ref = tiny_llada(calib.input_ids).detach()
+    orig = {n: p.detach().clone() for n, p in tiny_llada.named_parameters()}
+    a, b, r = copy.deepcopy(tiny_llada), copy.deepcopy(tiny_llada), copy.deepcopy(tiny_llada)
+    rep = build("quantizer", {"name": "gptq", "a_bits": 16, "progress": False}).quantize(a, calib)
+    GPTQ(a_bits=16, progress=False).quantize(b, calib)
+    build("quantizer", {"name": "rtn", "a_bits": 16}).quantize(r, calib)
+    assert rep["propagate"] == "weights" and len(rep["blocks"]) == 2
+    assert rep["blocks"][0]["fallbacks"] == 0 and set(rep["blocks"][0]["layers"]) == {"q", "k", "v", "o", "gate",
+                                                                                      "up", "down"}
+    for (n, p), (_, q) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(p, q), n  # same data and settings -> bit-identical weights
+    for q in qlinears(a):
+        assert q.weight_frozen
+        scale = orig[_orig_name(q.name)].abs().amax(1, keepdim=True) / 7  # per channel, from the FP weights
+        codes = q.weight / scale
+        torch.testing.assert_close(codes, codes.round(), rtol=0, atol=1e-4)
+    assert _logit_err(a, ref, calib) < _logit_err(r, ref, calib)
+
+
+def _orig_name(qname: str) -> str:
+    idx, role = qname.split(".")[1:]
+    path = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "attn_out", "gate": "ff_proj", "up": "up_proj",
+            "down": "ff_out"}[role]
+    return f"model.transformer.blocks.{idx}.{path}.weight"
+
+
+def test_gptq_options_run_on_dream(tiny_dream, char_tokenizer):
+    calib = tinyreason_calibration(char_tokenizer, n_samples=4, tasks=["addition"])
+    seq = copy.deepcopy(tiny_dream)
+    GPTQ(w_granularity="group", group_size=16, act_order=True, progress=False).quantize(seq, calib)
+    flat = copy.deepcopy(tiny_dream)
+    GPTQ(w_granularity="group", group_size=16, act_order=True, true_sequential=False, propagate="quantized",
+         progress=False).quantize(flat, calib)
+    assert all(torch.isfinite(p).all() for p in seq.parameters())
+    # true-sequential: o / down see the quantized q,k,v / gate,up outputs, so they differ; q is the same
+    assert torch.equal(seq.blocks[0].role("q").weight, flat.blocks[0].role("q").weight)
+    assert not torch.equal(seq.blocks[0].role("down").weight, flat.blocks[0].role("down").weight)
+    with pytest.raises(ConfigError, match="group_size"):
+        GPTQ(w_granularity="group", group_size=128, progress=False).quantize(copy.deepcopy(tiny_dream), calib)
