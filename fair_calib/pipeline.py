@@ -77,9 +77,8 @@ class Pipeline:
         self.quantizer = build("quantizer", cfg.quantizer)
         self.sampler = build("decoding", cfg.decoding)
         self.benchmark = build("benchmark", cfg.benchmark)
-        for g in getattr(self.benchmark, "gen_lengths", lambda: [])():
-            if hasattr(self.sampler, "validate"):
-                self.sampler.validate(g)
+        if hasattr(self.benchmark, "validate_sampler"):
+            self.benchmark.validate_sampler(self.sampler)
         self.prior_probe = build("prior", cfg.prior)
         self.weighting = build("weighting", cfg.weighting)
         self.logger = build("logger", cfg.logger)
@@ -111,7 +110,11 @@ class Pipeline:
         return str(self.cfg.get("method_label") or f"{self.cfg.quantizer.name} {self.quantizer.label}").strip()
 
     def _evaluate(self, model, tag: str) -> dict[str, dict[str, float]]:
-        return self.benchmark.evaluate(model, self.sampler, seed=int(self.cfg.seed))
+        metrics = self.benchmark.evaluate(model, self.sampler, seed=int(self.cfg.seed))
+        samples = getattr(self.benchmark, "last_samples", None)
+        if samples:
+            write_json_atomic(self.run_dir / "samples" / f"{tag}.json", samples)
+        return metrics
 
     def _evaluate_cached(self, fp_model, method: dict | None, build_model=None) -> dict[str, dict[str, float]]:
         """FP and calibration-free baselines give the same numbers in every job of a sweep: cache them
@@ -125,7 +128,8 @@ class Pipeline:
 
             log.info("evaluation cache hit (%s): %s", (method or {}).get("name", "fp"), path)
             return json.loads(path.read_text())["metrics"]
-        metrics = self._evaluate(build_model() if build_model else fp_model, "cached")
+        tag = (method or {}).get("name", "fp")
+        metrics = self._evaluate(build_model() if build_model else fp_model, tag)
         write_json_atomic(path, {"metrics": metrics, "method": method})
         return metrics
 
@@ -194,7 +198,7 @@ class Pipeline:
                                **{k: v for k, v in self.plain["diagnostics"].items() if k != "enabled"})
 
         if not is_fp or not cfg.compare_fp:
-            metrics[self.method_label] = self._timed("eval_quant_s", self._evaluate, qmodel, "quant")
+            metrics[self.method_label] = self._timed("eval_quant_s", self._evaluate, qmodel, str(cfg.quantizer.name))
         if cfg.get("save_quantized") and not is_fp:
             from fair_calib.models.loading import save_dllm
 

@@ -67,9 +67,15 @@ def load_state_dict(folder: Path) -> dict[str, torch.Tensor]:
 
 def load_tokenizer(folder: Path, trust_remote_code: bool = False):
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    from transformers.utils import logging as hf_logging
 
     try:
-        return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+        level = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # AutoTokenizer reads config.json and warns about its model_type
+        try:
+            return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+        finally:
+            hf_logging.set_verbosity(level)
     except Exception as err:  # custom tokenizer classes need remote code; tokenizer.json is enough
         if (folder / "tokenizer.json").is_file():
             return PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"))

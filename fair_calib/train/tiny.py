@@ -172,6 +172,11 @@ def train(tc: TrainConfig) -> dict:
 def _save(model: DiffusionLM, tc: TrainConfig, history: list[dict], wall: float, steps_done: int) -> dict:
     info = {"train_config": asdict(tc), "steps_done": steps_done, "wall_time_s": round(wall, 1),
             "parameters": model.num_parameters(), "history": history}
+    prev = Path(tc.init) / "training.json" if tc.init else None
+    if prev is not None and prev.is_file():  # a continued run keeps the record of the phases before it
+        before = json.loads(prev.read_text())
+        info["previous_phases"] = before.get("previous_phases", []) + [
+            {k: v for k, v in before.items() if k != "previous_phases"}]
     save_dllm(model, tc.out, extra_files={"training.json": json.dumps(info, indent=2) + "\n"})
     return info
 

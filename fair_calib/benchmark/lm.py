@@ -1,0 +1,270 @@
+"""`DiffusionEvalLM`: an lm-eval `LM` over an in-process (possibly quantized) `DiffusionLM` and a `Sampler`.
+
+- `generate_until`: batched, left-padded prompts through the sampler; the decoded text is cut at the
+  first end-of-text token, then at the first of lm-eval's `until` strings, and holds at most
+  `max_gen_toks` tokens. How the sampler is fitted to a task's generation length: `fit_sampler`.
+- `loglikelihood`: LLaDA's Monte Carlo masked estimate (DESIGN section 5, `get_log_likelihood` of
+  ML-GSAI/LLaDA `eval_llada.py`): on x = context + continuation, mask only continuation tokens;
+  sample j masks m_j of the L continuation tokens (m_j stratified over the samples, positions
+  uniform); log p(continuation | context) ~ -(1/n) sum_j sum_{i masked in j} CE_i / (m_j / L).
+- Registered with lm-eval as model "fair_calib" (`model_args`: path=..., decoding=llada, sampler fields).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from lm_eval.api.model import LM
+from lm_eval.api.registry import register_model
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from fair_calib.decoding.base import Sampler, decode_answer, left_pad
+from fair_calib.models.dllm import DiffusionLM
+from fair_calib.registry import ConfigError
+
+
+# ---- the Monte Carlo likelihood (pure functions) ---------------------------------------------------
+def stratified_mask_counts(target_len: int, n: int, generator: torch.Generator | None = None) -> Tensor:
+    """(n,) masked-token counts in 1..L evenly spaced from a random start k: m_j = ((k - 1 + floor(j L / n)) mod L) + 1.
+
+    Each m_j is uniform on 1..L (unbiased ELBO); the set is balanced (exactly n / L of each count
+    when L divides n). LLaDA's reference rounds k + j L / n instead of flooring, which is less even.
+    """
+    start = int(torch.randint(1, target_len + 1, (), generator=generator))
+    offsets = torch.div(torch.arange(n) * target_len, n, rounding_mode="floor")
+    return (start - 1 + offsets) % target_len + 1
+
+
+def random_masks(counts: Tensor, target_len: int, generator: torch.Generator | None = None) -> Tensor:
+    """(n, L) bool: row j masks `counts[j]` positions chosen uniformly (a random permutation's first m_j slots)."""
+    perm = torch.rand(len(counts), target_len, generator=generator).argsort(dim=1)
+    return perm < counts[:, None]
+
+
+@torch.no_grad()
+def mc_loglikelihood(model: DiffusionLM, context: Sequence[int], continuation: Sequence[int], mc_num: int = 16,
+                     mc_batch_size: int = 16, generator: torch.Generator | None = None) -> float:
+    """Monte Carlo estimate of log p(continuation | context); the context is never masked.
+
+    All `mc_num` masks are drawn up front (counts stratified over the whole set), so the number
+    does not depend on `mc_batch_size`, which only sets how many sequences share a forward pass.
+    Identical masked sequences (frequent for short continuations) are run once and counted with
+    their multiplicity: same estimate, fewer forwards.
+    """
+    if not continuation:
+        return 0.0
+    p, length = len(context), len(continuation)
+    seq = torch.tensor(list(context) + list(continuation), dtype=torch.long)
+    counts = stratified_mask_counts(length, mc_num, generator)
+    masks = random_masks(counts, length, generator)
+    unique, inverse = torch.unique(masks, dim=0, return_inverse=True)
+    multiplicity = torch.bincount(inverse, minlength=len(unique)).float()
+    device = model.device
+    target = seq[p:].to(device)
+    total = 0.0
+    for lo in range(0, len(unique), mc_batch_size):
+        m = unique[lo: lo + mc_batch_size].to(device)
+        x = seq.to(device).repeat(len(m), 1)
+        x[:, p:] = torch.where(m, model.mask_id, x[:, p:])
+        logits = model(x)[:, p:].float()
+        ce = F.cross_entropy(logits.transpose(1, 2), target.expand(len(m), -1), reduction="none")  # (b, L)
+        ratio = m.sum(1).float() / length  # mask ratio m_j / L of each sequence
+        weight = multiplicity[lo: lo + mc_batch_size].to(device)
+        total += (weight * (ce * m).sum(1) / ratio).sum().item()
+    return -total / mc_num
+
+
+# ---- generation helpers -------------------------------------------------------------------------
+def fit_sampler(sampler: Sampler, max_new_tokens: int) -> tuple[Sampler, int]:
+    """The sampler for one generation length, keeping the decoding config's tokens per step.
+
+    Rule: r = steps / gen_length of the configured sampler (1 token per step by default).
+    LLaDA (has `block_length`): block b = min(block_length, max_new_tokens); canvas
+    G = max_new_tokens rounded up to a multiple of b; steps = ceil(G r) rounded up to a multiple of
+    the G / b blocks. E.g. the default llada config (64 / 64 / 32) gives G = steps = block = 8 for
+    addition and 32 for word problems, and G 256 / block 32 / steps 256 for a 256-token task.
+    Dream: G = max_new_tokens, steps = ceil(G r). Returns (sampler copy, G).
+    """
+    if max_new_tokens <= 0:
+        raise ConfigError(f"max_gen_toks must be positive, got {max_new_tokens}")
+    if not dataclasses.is_dataclass(sampler):
+        return sampler, max_new_tokens
+    ratio = sampler.steps / sampler.gen_length
+    block = getattr(sampler, "block_length", None)
+    if block:
+        b = min(block, max_new_tokens)
+        g = math.ceil(max_new_tokens / b) * b
+        n_blocks = g // b
+        steps = math.ceil(math.ceil(g * ratio) / n_blocks) * n_blocks
+        return dataclasses.replace(sampler, gen_length=g, steps=steps, block_length=b), g
+    return dataclasses.replace(sampler, gen_length=max_new_tokens, steps=max(1, math.ceil(max_new_tokens * ratio))), \
+        max_new_tokens
+
+
+def truncate_at_stop(text: str, until: Sequence[str] | str | None) -> str:
+    """Cut `text` at the earliest occurrence of any stop string (lm-eval's `until`)."""
+    if isinstance(until, str):
+        until = [until]
+    cut = len(text)
+    for stop in until or ():
+        if stop:
+            i = text.find(stop)
+            if 0 <= i < cut:
+                cut = i
+    return text[:cut]
+
+
+def request_seed(seed: int, *parts: Any) -> int:
+    """A stable 63-bit seed from the run seed and a request's content (independent of request order)."""
+    digest = hashlib.sha256(repr((seed,) + parts).encode()).hexdigest()
+    return int(digest[:15], 16)
+
+
+def _batches(items: list[int], size: int):
+    for i in range(0, len(items), size):
+        yield items[i: i + size]
+
+
+# ---- the lm-eval model ----------------------------------------------------------------------------
+@register_model("fair_calib")
+class DiffusionEvalLM(LM):
+    """lm-eval model over an in-process `DiffusionLM` (built from `path` when none is given) and a `Sampler`."""
+
+    def __init__(self, model: DiffusionLM | None = None, sampler: Sampler | None = None, *,
+                 path: str | None = None, decoding: str = "llada", device: str = "auto", dtype: str = "float32",
+                 trust_remote_code: bool = False, seed: int = 0, batch_size: int | str = 32,
+                 mc_num: int = 16, mc_batch_size: int = 16, gen_length: int | None = None,
+                 max_gen_toks: int = 256, max_length: int = 4096, add_special_tokens: bool = False,
+                 show_progress: bool = True, max_batch_size: int | None = None, **sampler_args: Any) -> None:
+        super().__init__()
+        if model is None:
+            if path is None:
+                raise ConfigError("DiffusionEvalLM needs a model or model_args path=<checkpoint folder>")
+            from fair_calib.models.hf_folder import resolve_device, resolve_model_path
+            from fair_calib.models.loading import load_dllm
+
+            model = load_dllm(resolve_model_path(path), dtype=dtype, device=resolve_device(str(device)),
+                              trust_remote_code=_as_bool(trust_remote_code))
+        if sampler is None:
+            from fair_calib.registry import build
+
+            if gen_length is not None:
+                sampler_args.setdefault("gen_length", int(gen_length))
+            sampler = build("decoding", {"name": decoding, **{k: _literal(v) for k, v in sampler_args.items()}})
+        elif sampler_args:
+            raise ConfigError(f"sampler settings {sorted(sampler_args)} given together with a built sampler")
+        if model.tokenizer is None:
+            raise ConfigError("the model has no tokenizer attached (model.tokenizer)")
+        if int(mc_num) <= 0 or int(mc_batch_size) <= 0:
+            raise ConfigError(f"mc_num and mc_batch_size must be positive, got {mc_num} and {mc_batch_size}")
+        self.model, self.sampler = model, sampler
+        self.seed = int(seed)
+        self.batch_size = int(batch_size) if str(batch_size).isdigit() else 32  # "auto" -> default
+        self.mc_num, self.mc_batch_size = int(mc_num), int(mc_batch_size)
+        self.gen_length = int(gen_length) if gen_length is not None else None
+        self.max_gen_toks = int(max_gen_toks)
+        self.max_length = int(max_length)
+        self.add_special_tokens = _as_bool(add_special_tokens)
+        self.show_progress = _as_bool(show_progress)
+        self._device = model.device
+
+    @property
+    def tokenizer(self):
+        return self.model.tokenizer
+
+    @property
+    def tokenizer_name(self) -> str:
+        return str(getattr(self.tokenizer, "name_or_path", "") or type(self.tokenizer).__name__)
+
+    def encode(self, text: str, special: bool | None = None) -> list[int]:
+        special = self.add_special_tokens if special is None else special
+        return list(self.tokenizer.encode(text, add_special_tokens=special)) if text else []
+
+    def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        """lm-eval's convention: trailing context spaces move to the continuation; split the joint encoding."""
+        n_spaces = len(context) - len(context.rstrip())
+        if n_spaces:
+            context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+        whole = self.encode(context + continuation)
+        ctx = self.encode(context)
+        return ctx, whole[len(ctx):]
+
+    # ---- lm-eval API ------------------------------------------------------------------------
+    def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        """(log p(continuation | context), is_greedy) per request; is_greedy is not computed yet (False)."""
+        out = []
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for req in tqdm(requests, desc="loglikelihood (MC)", disable=disable_tqdm or not self.show_progress,
+                            mininterval=2):
+                context, continuation = req.args
+                ctx, cont = self.encode_pair(context, continuation)
+                overflow = len(ctx) + len(cont) - self.max_length
+                if overflow > 0:
+                    ctx = ctx[overflow:]
+                gen = torch.Generator().manual_seed(request_seed(self.seed, ctx, cont))
+                ll = mc_loglikelihood(self.model, ctx, cont, self.mc_num, self.mc_batch_size, gen)
+                out.append((ll, False))
+                self.cache_hook.add_partial("loglikelihood", (context, continuation), (ll, False))
+        finally:
+            self.model.train(was_training)
+        return out
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        raise NotImplementedError(
+            "fair_calib: loglikelihood_rolling (perplexity tasks) is not implemented for diffusion LMs yet; "
+            "use generate_until or multiple-choice tasks"
+        )
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        """Batched sampler decoding, batches grouped by generation and prompt length; outputs in request order."""
+        results: list[str] = [""] * len(requests)
+        groups: dict[int, list[int]] = {}
+        for i, req in enumerate(requests):
+            kwargs = req.args[1] if len(req.args) > 1 else {}
+            max_new = self.gen_length or int(kwargs.get("max_gen_toks", self.max_gen_toks))
+            groups.setdefault(max_new, []).append(i)
+        tok, cfg = self.tokenizer, self.model.config
+        gen = torch.Generator(device=self.model.device).manual_seed(self.seed)
+        was_training = self.model.training
+        self.model.eval()
+        bar = tqdm(total=len(requests), desc="generate", disable=disable_tqdm or not self.show_progress, mininterval=2)
+        try:
+            for max_new, idx in groups.items():
+                sampler, g = fit_sampler(self.sampler, max_new)
+                encoded = {i: self.encode(requests[i].args[0])[-max(1, self.max_length - g):] for i in idx}
+                idx = sorted(idx, key=lambda i: len(encoded[i]))  # similar lengths share a batch: less padding
+                for chunk in _batches(idx, self.batch_size):
+                    ids, mask = left_pad([encoded[i] for i in chunk], cfg.pad_id)
+                    out = sampler.generate(self.model, ids.to(self.model.device), mask.to(self.model.device),
+                                           generator=gen, gen_length=g)
+                    for i, row in zip(chunk, out.tokens.tolist()):
+                        context, kwargs = requests[i].args[0], requests[i].args[1]
+                        text = truncate_at_stop(decode_answer(tok, row[:max_new], cfg.eos_id), kwargs.get("until"))
+                        results[i] = text
+                        self.cache_hook.add_partial("generate_until", (context, kwargs), text)
+                    bar.update(len(chunk))
+        finally:
+            bar.close()
+            self.model.train(was_training)
+        return results
+
+    def get_model_info(self) -> dict[str, Any]:
+        return {"sampler": type(self.sampler).__name__, "mc_num": self.mc_num, "seed": self.seed}
+
+
+def _as_bool(v: Any) -> bool:
+    return v if isinstance(v, bool) else str(v).strip().lower() in ("1", "true", "yes", "on")
+
+
+def _literal(v: Any) -> Any:
+    """lm-eval passes model_args already typed from the CLI string; map 'null'/'none' to None."""
+    return None if isinstance(v, str) and v.strip().lower() in ("none", "null") else v

@@ -1,0 +1,151 @@
+"""benchmark=tiny: shipped task files, exact-match scoring, and lm-eval's simple_evaluate end to end."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import EOT_ID, VOCAB, make_tiny, tiny_config
+from torch import nn
+
+from fair_calib.benchmark.lm import DiffusionEvalLM
+from fair_calib.benchmark.tiny import TinyBenchmark, metric_values
+from fair_calib.benchmark.tinyreason_tasks import (
+    SHIPPED_N,
+    TASKS_DIR,
+    exact_match,
+    expected_rows,
+    process_exact_match,
+    read_rows,
+)
+from fair_calib.data.tinyreason import TASKS
+from fair_calib.decoding.dream import DreamSampler
+from fair_calib.decoding.llada import LLaDASampler
+from fair_calib.models.dllm import DiffusionLM
+from fair_calib.models.tokenizer import build_char_tokenizer
+from fair_calib.registry import ConfigError, build
+
+NAMES = ["tinyreason_addition", "tinyreason_word_problems", "tinyreason_compare"]
+
+
+class AdditionOracle(DiffusionLM):
+    """Reads "a+b=" from each (left-padded) row and predicts a+b (zero-padded like the data), then end-of-text."""
+
+    def __init__(self) -> None:
+        super().__init__(tiny_config("llada"))
+        self.wte = nn.Embedding(VOCAB, 4)
+        self.tokenizer = build_char_tokenizer(VOCAB)
+
+    @property
+    def embed_tokens(self) -> nn.Embedding:
+        return self.wte
+
+    def forward(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        tok = self.tokenizer
+        eq = tok.convert_tokens_to_ids("=")
+        logits = torch.zeros((*ids.shape, VOCAB))
+        for b, row in enumerate(ids.tolist()):
+            start = row.index(eq) + 1
+            a, c = tok.decode(row[:start - 1], skip_special_tokens=True).split("+")
+            answer = tok.encode(f"{int(a) + int(c):0{len(a) + 1}d}", add_special_tokens=False)  # zero-padded
+            for t in range(start, len(row)):
+                j = t - start
+                logits[b, t, answer[j] if j < len(answer) else EOT_ID] = 10.0
+        return logits
+
+
+def test_shipped_files_are_the_generator_test_splits():
+    for task in TASKS:
+        rows = read_rows(task)
+        assert len(rows) == SHIPPED_N
+        assert rows == expected_rows(task, SHIPPED_N)
+    compare = read_rows("compare")[0]
+    assert compare["choices"][compare["label"]] == compare["target"]
+
+
+def test_exact_match_scoring_on_hand_written_generations():
+    assert exact_match("12+4=16\n#### 16", "16") == 1.0
+    assert exact_match("#### 17", "16") == 0.0
+    assert exact_match("405", "405") == 1.0  # addition: the first integer
+    assert exact_match("0405", "405") == 1.0
+    assert exact_match("12+4=16\n16-3=13", "13") == 0.0  # no '####': the first integer (12) is scored
+    assert exact_match("", "3") == 0.0
+    assert process_exact_match({"target": "16"}, ["12+4=16\n#### 16"]) == {"exact_match": 1.0}
+
+
+def test_metric_values_keep_numbers_without_stderr():
+    raw = {"alias": "x", "acc,none": 0.25, "acc_stderr,none": "N/A", "exact_match,none": 1, "flag,none": True}
+    assert metric_values(raw) == {"acc": 0.25, "exact_match": 1.0}
+
+
+def test_task_yamls_load_from_any_working_directory(tmp_path, monkeypatch):
+    from lm_eval.tasks import TaskManager
+
+    monkeypatch.chdir(tmp_path)
+    manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=False)
+    assert {"tinyreason_addition", "tinyreason_word_problems", "tinyreason_compare", "tinyreason"} <= set(
+        manager.all_tasks)
+    tasks = manager.load(["tinyreason"])["tasks"]  # the tag expands to the three tasks
+    assert sorted(tasks) == sorted(NAMES)
+    compare = tasks["tinyreason_compare"]
+    doc = compare.test_docs()[0]
+    assert len(compare.test_docs()) == SHIPPED_N
+    assert compare.doc_to_choice(doc) == doc["choices"] and compare.config.target_delimiter == ""
+    assert tasks["tinyreason_addition"].config.generation_kwargs["max_gen_toks"] == 8
+
+
+def test_simple_evaluate_end_to_end():
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    lm = DiffusionEvalLM(make_tiny("llada"), LLaDASampler(gen_length=64, steps=64, block_length=32), mc_num=2,
+                         show_progress=False)
+    out = simple_evaluate(model=lm, tasks=NAMES, limit=3, bootstrap_iters=0,
+                          task_manager=TaskManager(include_path=str(TASKS_DIR), include_defaults=False))
+    assert set(out["results"]) == set(NAMES)
+    for name in NAMES:
+        metrics = metric_values(out["results"][name])
+        assert metrics and all(0.0 <= v <= 1.0 for v in metrics.values())
+        assert len(out["samples"][name]) == 3
+
+
+def test_tiny_benchmark_evaluate_and_records():
+    bench = build("benchmark", {"name": "tiny", "n": {"addition": 4, "word_problems": 2, "compare": 3},
+                                "mc_num": 2, "show_progress": False})
+    assert isinstance(bench, TinyBenchmark)
+    metrics = bench.evaluate(make_tiny("dream"), DreamSampler(gen_length=64, steps=64), seed=0)
+    assert list(metrics) == NAMES
+    assert set(metrics["tinyreason_compare"]) == {"acc"} and set(metrics["tinyreason_addition"]) == {"exact_match"}
+    assert all(0.0 <= v <= 1.0 for m in metrics.values() for v in m.values())
+    assert [len(bench.last_samples[n]) for n in NAMES] == [4, 2, 3]
+    rec = bench.last_samples["tinyreason_compare"][0]
+    assert rec["acc"] == float(rec["pred"] == read_rows("compare")[0]["label"])
+    assert len(rec["loglikelihoods"]) == 2
+
+
+def test_oracle_scores_one_through_the_whole_stack():
+    bench = TinyBenchmark(tasks=["addition"], n={"addition": 6}, show_progress=False, batch_size=4)
+    metrics = bench.evaluate(AdditionOracle(), LLaDASampler(), seed=0)  # default llada config: 8 steps, block 8
+    assert metrics == {"tinyreason_addition": {"exact_match": 1.0}}
+    assert [r["response"] for r in bench.last_samples["tinyreason_addition"]] == [
+        r["target"] for r in read_rows("addition")[:6]]
+
+
+def test_limit_caps_every_task_and_same_seed_same_metrics():
+    bench = TinyBenchmark(n={"addition": 5, "word_problems": 5, "compare": 5}, mc_num=2, show_progress=False)
+    model, sampler = make_tiny("llada"), LLaDASampler()
+    a = bench.evaluate(model, sampler, seed=3, limit=2)
+    assert [len(v) for v in bench.last_samples.values()] == [2, 2, 2]
+    records = bench.last_samples
+    assert bench.evaluate(model, sampler, seed=3, limit=2) == a
+    assert bench.last_samples == records
+
+
+def test_config_errors_and_pipeline_hooks():
+    with pytest.raises(ConfigError, match="valid tinyreason tasks"):
+        TinyBenchmark(tasks=["algebra"])
+    with pytest.raises(ConfigError, match="benchmark.n.compare"):
+        TinyBenchmark(n={"compare": SHIPPED_N + 1})
+    bench = TinyBenchmark()
+    assert bench.n == {"addition": 200, "word_problems": 100, "compare": 200}
+    assert bench.diagnostic_prompts(2) == [r["prompt"] for r in read_rows("word_problems")[:2]]
+    bench.validate_sampler(LLaDASampler())  # default decoding config fits both generation lengths
