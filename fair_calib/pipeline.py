@@ -193,8 +193,11 @@ class Pipeline:
             position_weight = None
             if prior is not None and hasattr(self.weighting, "position_weight"):
                 position_weight = self.weighting.position_weight(prior)
+            sampler = self.sampler
+            if cfg.diagnostics.get("gen_length") is None and hasattr(self.benchmark, "diagnostic_sampler"):
+                sampler = self.benchmark.diagnostic_sampler(self.sampler)
             diag = self._timed("diagnostics_s", run_diagnostics, fp, qmodel, self._diagnostic_prompts(),
-                               self.sampler, self.run_dir / "diagnostics", position_weight=position_weight,
+                               sampler, self.run_dir / "diagnostics", position_weight=position_weight,
                                **{k: v for k, v in self.plain["diagnostics"].items() if k != "enabled"})
 
         if not is_fp or not cfg.compare_fp:
@@ -217,8 +220,13 @@ class Pipeline:
         if "FP" in metrics:
             summary.update(flat_metrics("fp", metrics["FP"]))
         summary.update(flat_metrics("quant", metrics[quant_key]))
-        scalars = diag.get("scalars", diag) if isinstance(diag, dict) else {}
-        summary.update({k: v for k, v in scalars.items() if isinstance(v, int | float)})
+        summary.update({k: v for k, v in diag.items() if isinstance(v, int | float)})
+        for name, rows in getattr(diag, "tables", {}).items():
+            if rows:
+                self.logger.log_table(f"diagnostics/{name}", list(rows[0]), [list(r.values()) for r in rows])
+        for name, path in getattr(diag, "files", {}).items():
+            if str(path).endswith(".png"):
+                self.logger.log_image(f"diagnostics/{name}", path)
         results = {
             "status": "ok",
             "run": {"model": self.model_spec.label, "quantizer": self.cfg.quantizer.name,

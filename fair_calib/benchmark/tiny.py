@@ -136,6 +136,10 @@ class TinyBenchmark:
             raise ConfigError(f"diagnostics.n_prompts={n}: only {len(rows)} {self.diagnostic_task} test prompts")
         return [r["prompt"] for r in rows[:n]]
 
+    def diagnostic_sampler(self, sampler: Sampler) -> Sampler:
+        """The run's sampler fitted to the diagnostic task's generation length (as in the evaluation)."""
+        return fit_sampler(sampler, int(self.gen_length.get(self.diagnostic_task, sampler.gen_length)))[0]
+
     # ---- evaluation ------------------------------------------------------------------------------
     def evaluate(self, model: DiffusionLM, sampler: Sampler, seed: int = 0,
                  limit: int | None = None) -> dict[str, dict[str, float]]:
