@@ -13,7 +13,8 @@ from conftest import make_tiny
 
 from fair_calib.models.loading import save_dllm
 
-SMALL_BENCH = ["benchmark.n={addition:6,word_problems:4,compare:6}", "benchmark.mc_num=2", "benchmark.show_progress=false"]
+SMALL_BENCH = ["benchmark.n={addition:6,word_problems:4,compare:6}", "benchmark.mc_num=2",
+               "benchmark.show_progress=false"]
 
 
 @pytest.fixture(scope="module")

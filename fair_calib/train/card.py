@@ -20,8 +20,8 @@ from fair_calib.registry import build
 from fair_calib.utils.io import write_text_atomic
 
 
-def train_command(tc: dict) -> str:
-    args = [f"--family {tc['family']}", f"--threads {tc['threads']}", f"--out {tc['out']}"]
+def train_command(tc: dict, out: str) -> str:
+    args = [f"--family {tc['family']}", f"--threads {tc['threads']}", f"--out {out}"]
     if tc["family"] == "dream":
         args += [f"--n-kv-heads {tc['n_kv_heads']}", f"--intermediate-size {tc['intermediate_size']}"]
     return "python -m fair_calib.train.tiny " + " ".join(args)
@@ -45,9 +45,10 @@ def write_card(folder: str | Path, seed: int = 0, threads: int | None = None) ->
     rows = "\n".join(f"| {task} | {name} | {100 * v:.1f} |" for task, m in metrics.items() for name, v in m.items())
     cfg = model.config
     extras = ", q/k/v biases, shifted logits" if cfg.family == "dream" else ""
+    layout = "LLaDA" if cfg.family == "llada" else "Dream"
     card = f"""# {folder.name}
 
-A {cfg.family.upper()}-layout masked-diffusion LM trained on CPU on the synthetic `tinyreason` tasks
+A {layout}-layout masked-diffusion LM trained on CPU on the synthetic `tinyreason` tasks
 (`fair_calib/data/tinyreason.py`), shipped so that every fair-calib experiment runs for real on a laptop.
 
 | | |
@@ -58,7 +59,7 @@ MLP {cfg.intermediate_size}, vocab {cfg.vocab_size}{extras}) |
 | training | {tc['steps']} steps x batch {tc['batch_size']}, AdamW lr {tc['lr']} cosine, seed {tc['seed']}, \
 {tc['threads']} thread(s) |
 | wall time | {info['wall_time_s'] / 60:.1f} min (two models trained side by side on 2 cores) |
-| command | `{train_command(tc)}` |
+| command | `{train_command(tc, f"fair_calib/assets/{folder.name}")}` |
 
 ## Full-precision accuracy on the tinyreason test split
 
