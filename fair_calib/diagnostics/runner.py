@@ -292,8 +292,8 @@ def run_diagnostics(fp_model: DiffusionLM, q_model: DiffusionLM, prompts: list[s
         step_columns["prob_mse_own"] = curve.curve()
     if step_columns:
         n_steps = max(len(v) for v in step_columns.values())
-        tables["per_step"] = [{"step": t, **{k: v[t] for k, v in step_columns.items() if t < len(v)}}
-                              for t in range(n_steps)]
+        tables["per_step"] = [{"step": t, **{k: v[t] if t < len(v) else math.nan for k, v in step_columns.items()}}
+                              for t in range(n_steps)]  # every row has every column (NaN past a curve's end)
 
     if "stabilization_lag" in metrics_set and own is not None:
         lags = {"fp": concat([trace_lags(t) for t in teacher.traces]), "q": concat([trace_lags(t) for t in own.traces])}
