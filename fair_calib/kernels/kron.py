@@ -18,9 +18,9 @@ few ulps, which may move a value sitting exactly on a rounding boundary by one q
 
 from __future__ import annotations
 
-import math
-
 import torch
+
+from fair_calib.quant.transforms import kronecker_factors as kron_factors  # noqa: F401 (re-exported)
 
 from ._dispatch import use_triton
 from .quant import (
@@ -41,25 +41,6 @@ __all__ = [
     "kron_quantize_triton",
     "kron_transform",
 ]
-
-
-def kron_factors(n: int) -> tuple[int, int]:
-    """FlatQuant's factorisation n = n1 * n2 with n1 <= n2 closest to sqrt(n).
-
-    Smallest a >= sqrt(n) with a^2 - n = b^2 a perfect square; factors (a - b, a + b).
-    Examples: 4096 -> (64, 64), 12288 -> (96, 128), 3584 -> (56, 64), 18944 -> (128, 148).
-    """
-    if n < 1:
-        raise ValueError(f"n must be positive, got {n}")
-    a = math.isqrt(n)
-    if a * a < n:
-        a += 1
-    while True:
-        b2 = a * a - n
-        b = math.isqrt(b2)
-        if b * b == b2:
-            return a - b, a + b
-        a += 1
 
 
 def _check_factors(x: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor, smooth: torch.Tensor | None) -> None:
