@@ -14,7 +14,7 @@ from conftest import make_tiny
 from fair_calib.models.loading import save_dllm
 
 SMALL_BENCH = ["benchmark.n={addition:6,word_problems:4,compare:6}", "benchmark.mc_num=2",
-               "benchmark.show_progress=false"]
+               "benchmark.show_progress=false", "diagnostics.n_prompts=4"]
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +46,9 @@ def test_default_job_writes_results_table_and_wandb(model_dir, tmp_path):
     assert "| average" in proc.stdout
     assert list((run / "wandb").glob("offline-run-*")), "the W&B run should be written offline in the run folder"
     assert (run / "samples" / "fp.json").is_file()
+    for name in ("scalars.json", "per_step.csv", "flip_rate.png", "prob_mse.png", "lag_histogram.png"):
+        assert (run / "diagnostics" / name).is_file(), name
+    assert 0.0 <= results["summary"]["diag/flip_rate"] <= 1.0
 
 
 def test_fp_evaluation_is_cached_across_runs(model_dir, tmp_path):
