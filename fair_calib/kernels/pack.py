@@ -108,17 +108,23 @@ def pack_int32_ref(values: torch.Tensor, num_bits: int = 4, packed_dim: int = 1)
     return words if packed_dim == 1 else words.t().contiguous()
 
 
-def unpack_int32_ref(
-    packed: torch.Tensor, num_bits: int, shape: torch.Size | tuple[int, int], packed_dim: int = 1
-) -> torch.Tensor:
-    """compressed-tensors ``unpack_from_int32``: int32 words -> int8 codes of the original ``shape``."""
+def _unpack_int32_args(
+    packed: torch.Tensor, num_bits: int, shape: torch.Size | tuple[int, int], packed_dim: int
+) -> tuple[int, tuple[int, ...], torch.Tensor]:
+    """Checks shared by the unpack reference and kernel: (values per word, shape, words with packing on dim 1)."""
     if packed.dtype != torch.int32:
         raise TypeError(f"packed must be int32, got {packed.dtype}")
     per_word = _pack_factor(num_bits)
     if packed.dim() != 2 or packed_dim not in (0, 1):
         raise ValueError("unpack_int32 expects a 2-D tensor and packed_dim in {0, 1}")
-    shape = tuple(int(s) for s in shape)
-    p = packed if packed_dim == 1 else packed.t()
+    return per_word, tuple(int(s) for s in shape), packed if packed_dim == 1 else packed.t()
+
+
+def unpack_int32_ref(
+    packed: torch.Tensor, num_bits: int, shape: torch.Size | tuple[int, int], packed_dim: int = 1
+) -> torch.Tensor:
+    """compressed-tensors ``unpack_from_int32``: int32 words -> int8 codes of the original ``shape``."""
+    per_word, shape, p = _unpack_int32_args(packed, num_bits, shape, packed_dim)
     n = shape[packed_dim]
     out = _unpack_last_ref(p, n, num_bits, per_word, 1 << (num_bits - 1), twos=False)
     return out if packed_dim == 1 else out.t().contiguous()
@@ -253,13 +259,7 @@ def unpack_int32_triton(
     packed: torch.Tensor, num_bits: int, shape: torch.Size | tuple[int, int], packed_dim: int = 1
 ) -> torch.Tensor:
     """Triton version of :func:`unpack_int32_ref`."""
-    if packed.dtype != torch.int32:
-        raise TypeError(f"packed must be int32, got {packed.dtype}")
-    per_word = _pack_factor(num_bits)
-    if packed.dim() != 2 or packed_dim not in (0, 1):
-        raise ValueError("unpack_int32 expects a 2-D tensor and packed_dim in {0, 1}")
-    shape = tuple(int(s) for s in shape)
-    p = packed if packed_dim == 1 else packed.t()
+    per_word, shape, p = _unpack_int32_args(packed, num_bits, shape, packed_dim)
     out = _unpack_last_triton(p, shape[packed_dim], num_bits, per_word, 1 << (num_bits - 1), twos=False)
     return out if packed_dim == 1 else out.t().contiguous()
 
