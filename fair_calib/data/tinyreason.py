@@ -2,13 +2,14 @@
 
 Three tasks, each a deterministic function of (split, index, seed):
   addition      "47+08="                       -> "055"                    (exact match)
-  word_problems "Ann has 12 pens. Ann buys 4. ..." -> "12+4=16\\n...\\n#### 13" (exact match on ####)
+  word_problems "Ann has 12 pens. Ann buys 04. ..." -> "12+04=16\\n...\\n#### 13" (exact match on ####)
   compare       "Which is larger: 47 or 52?\\nAnswer:" -> " 52" among [" 47", " 52"] (likelihood)
 
-Numbers in addition and compare are zero-padded to a fixed width (and the sum to width + 1):
-digit j of every operand then sits at a fixed offset, which a few-million-parameter bidirectional
-model learns on two CPU cores; with ragged widths, or three digits, it plateaued for the first
-700 steps (about 12 minutes) of training.
+Numbers are zero-padded to a fixed width (the addition sum to width + 1), and the word problems'
+names, items and verbs all have the same length: digit j of every number then sits at a fixed
+offset, which a few-million-parameter bidirectional model learns on two CPU cores. With ragged
+widths, or three digits, addition plateaued for the first 700 steps (about 12 minutes) of
+training, and word problems with ragged numbers and words stayed at 6% exact match after 2400.
 
 Splits are disjoint by construction: an example belongs to the split chosen by a hash of its
 prompt, and a generator for one split rejects prompts hashed to another.
@@ -26,10 +27,11 @@ TASKS = ("addition", "word_problems", "compare")
 SPLITS = {"train": (0, 80), "calibration": (80, 90), "test": (90, 100)}
 ANSWER_RE = re.compile(r"####\s*(-?\d+)")
 
-NAMES = ("Ann", "Ben", "Cal", "Dee", "Eli", "Fay", "Gus", "Ivy", "Jo", "Kim")
-ITEMS = ("apples", "coins", "books", "pens", "cards", "eggs", "cups", "toys")
-ADD_VERBS = ("buys", "gets", "finds")
-SUB_VERBS = ("gives away", "loses", "sells")
+# every name, item and verb has the same length, so the numbers of a problem sit at fixed offsets
+NAMES = ("Ann", "Ben", "Cal", "Dee", "Eli", "Fay", "Gus", "Ivy", "Joe", "Kim")
+ITEMS = ("pens", "cups", "toys", "eggs", "hats", "keys", "jars", "bags")
+ADD_VERBS = ("buys", "gets", "wins")
+SUB_VERBS = ("uses", "lost", "sold")
 
 
 @dataclass(frozen=True)
@@ -80,22 +82,27 @@ def make_addition(rng: random.Random, d: Difficulty) -> Example:
 
 
 def make_word_problem(rng: random.Random, d: Difficulty) -> Example:
+    w = len(str(d.wp_max_start + d.wp_max_steps * d.wp_max_operand))  # widest value a problem can reach
+
+    def num(v: int) -> str:
+        return f"{v:0{w}d}"
+
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
     value = rng.randint(2, d.wp_max_start)
-    sentences, steps = [f"{name} has {value} {item}."], []
+    sentences, steps = [f"{name} has {num(value)} {item}."], []
     for _ in range(rng.randint(d.wp_min_steps, d.wp_max_steps)):
         n = rng.randint(1, d.wp_max_operand)
         if rng.random() < 0.5 or value - n < 0:
-            sentences.append(f"{name} {rng.choice(ADD_VERBS)} {n}.")
-            steps.append(f"{value}+{n}={value + n}")
+            sentences.append(f"{name} {rng.choice(ADD_VERBS)} {num(n)}.")
+            steps.append(f"{num(value)}+{num(n)}={num(value + n)}")
             value += n
         else:
-            sentences.append(f"{name} {rng.choice(SUB_VERBS)} {n}.")
-            steps.append(f"{value}-{n}={value - n}")
+            sentences.append(f"{name} {rng.choice(SUB_VERBS)} {num(n)}.")
+            steps.append(f"{num(value)}-{num(n)}={num(value - n)}")
             value -= n
     prompt = " ".join(sentences) + f" How many {item}?\n"
-    answer = "\n".join(steps) + f"\n#### {value}"
-    return Example("word_problems", prompt, answer, str(value))
+    answer = "\n".join(steps) + f"\n#### {num(value)}"
+    return Example("word_problems", prompt, answer, num(value))
 
 
 def make_compare(rng: random.Random, d: Difficulty) -> Example:

@@ -50,7 +50,7 @@ class TrainConfig:
     eps: float = 0.05
     max_extra_pad: int = 8
     task_weights: dict[str, float] = field(
-        default_factory=lambda: {"addition": 2.0, "word_problems": 1.0, "compare": 1.5})
+        default_factory=lambda: {"addition": 2.0, "word_problems": 2.0, "compare": 1.0})
     seed: int = 0
     threads: int = 2
     bf16: bool = False  # bf16 autocast only pays on CPUs with native bf16 matmul (AVX-512 BF16 / AMX)
