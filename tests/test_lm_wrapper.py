@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -10,11 +11,13 @@ from conftest import EOT_ID, MASK_ID, PAD_ID, VOCAB, make_tiny, tiny_config
 from lm_eval.api.instance import Instance
 from torch import nn
 
+from fair_calib.benchmark.families import family_defaults, resolve_cfg_scale
 from fair_calib.benchmark.lm import (
     DiffusionEvalLM,
     fit_sampler,
     mc_loglikelihood,
     random_masks,
+    request_seed,
     stratified_mask_counts,
     truncate_at_stop,
 )
@@ -22,6 +25,7 @@ from fair_calib.decoding.dream import DreamSampler
 from fair_calib.decoding.llada import LLaDASampler
 from fair_calib.models.dllm import DiffusionLM
 from fair_calib.models.tokenizer import build_char_tokenizer
+from fair_calib.registry import ConfigError
 
 
 class TableLM(DiffusionLM):
@@ -185,12 +189,78 @@ def test_same_seed_same_number_and_batch_size_invariance():
     assert all(math.isfinite(v) and v < 0 for v in a)
 
 
-def test_is_greedy_false_and_rolling_not_implemented():
-    lm = DiffusionEvalLM(make_tiny("llada"), LLaDASampler(gen_length=8, steps=8, block_length=8), mc_num=2,
+def test_is_greedy_only_when_asked_and_reproduces_the_continuation():
+    prompt = "7+9="
+    model = ScriptedLM("16", prompt_len=len(prompt))
+    sampler = LLaDASampler(gen_length=8, steps=8, block_length=8)
+    plain = DiffusionEvalLM(model, sampler, mc_num=2, show_progress=False)
+    assert plain.loglikelihood([ll_request(prompt, "16")])[0][1] is False  # not computed unless asked
+    lm = DiffusionEvalLM(model, sampler, mc_num=2, check_greedy=True, show_progress=False)
+    out = lm.loglikelihood([ll_request(prompt, "16"), ll_request(prompt, "17"), ll_request(prompt, "1")])
+    assert [greedy for _, greedy in out] == [True, False, True]
+    assert out[0][0] == pytest.approx(0.0, abs=1e-6) and out[1][0] < -10  # scripted logits: p("16") ~ 1
+
+
+def test_loglikelihood_rolling_is_the_estimator_over_the_whole_text():
+    model = make_tiny("llada")
+    sampler = LLaDASampler(gen_length=8, steps=8, block_length=8)
+    text = "12+34=46\n#### 46"
+    toks = ids(text)
+    lm = DiffusionEvalLM(model, sampler, mc_num=8, seed=3, show_progress=False)
+    (whole,) = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)])
+    g = torch.Generator().manual_seed(request_seed(3, [], toks))
+    assert whole == pytest.approx(mc_loglikelihood(model, [], toks, 8, 16, g), rel=1e-6)
+    assert whole < 0 and math.isfinite(whole)
+    # longer than the window: windows of 6 tokens, each conditioned on the 4 tokens before it
+    lm = DiffusionEvalLM(model, sampler, mc_num=8, seed=3, rolling_window=6, rolling_context=4, show_progress=False)
+    (windowed,) = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)])
+    expected = sum(mc_loglikelihood(model, c, w, 8, 16, torch.Generator().manual_seed(request_seed(3, c, w)))
+                   for c, w in [(toks[:0], toks[:6]), (toks[2:6], toks[6:12]), (toks[8:12], toks[12:])])
+    assert windowed == pytest.approx(expected, rel=1e-6)
+    with pytest.raises(ConfigError, match="exceeds max_length"):
+        DiffusionEvalLM(model, sampler, rolling_window=4000, rolling_context=200, show_progress=False)
+
+
+def test_family_defaults_pick_the_sampler_and_guidance(tmp_path):
+    from fair_calib.models.loading import save_dllm
+
+    save_dllm(make_tiny("dream"), tmp_path / "d")
+    lm = DiffusionEvalLM(path=str(tmp_path / "d"), device="cpu", gen_length=8, steps=8, show_progress=False)
+    assert isinstance(lm.sampler, DreamSampler) and lm.cfg_scale == 0.0  # no decoding= given: Dream's sampler
+    assert lm.get_model_info()["mask_id"] == MASK_ID
+    guided = DiffusionEvalLM(make_tiny("llada"), None, cfg_scale=0.5, decoding="llada", show_progress=False)
+    assert guided.cfg_scale == 0.5 and guided.sampler.cfg_scale == 0.5  # one guidance scale for both request types
+    with pytest.raises(ConfigError, match="mask id"):
+        family_defaults(SimpleNamespace(config=tiny_config("llada", vocab_size=126464, mask_id=5)))
+    assert family_defaults(SimpleNamespace(config=tiny_config("llada", vocab_size=126464, mask_id=126336))).mask_id \
+        == 126336
+    assert family_defaults(make_tiny("dream")).shift_logits is True
+    assert resolve_cfg_scale({"llada": 0.5}, "llada") == 0.5 and resolve_cfg_scale({"llada": 0.5}, "dream") == 0.0
+    assert resolve_cfg_scale(2.0, "dream") == 2.0 and resolve_cfg_scale(None, "llada") == 0.0
+
+
+def test_chat_template_only_when_the_tokenizer_has_one():
+    lm = DiffusionEvalLM(make_tiny("llada"), LLaDASampler(gen_length=8, steps=8, block_length=8),
                          show_progress=False)
-    assert lm.loglikelihood([ll_request("1+2=", "3")])[0][1] is False
-    with pytest.raises(NotImplementedError, match="loglikelihood_rolling"):
-        lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, ("text",), 0)])
+    assert lm.chat_template(False) is None
+    with pytest.raises(ConfigError, match="no chat template"):
+        lm.apply_chat_template([{"role": "user", "content": "1+2="}])
+    lm.tokenizer.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+                                  "{% if add_generation_prompt %}<assistant>{% endif %}")
+    try:
+        assert lm.apply_chat_template([{"role": "user", "content": "1+2="}]) == "<user>1+2=<assistant>"
+        assert lm.chat_template(True) == lm.tokenizer.chat_template
+    finally:
+        lm.tokenizer.chat_template = None
+
+
+def test_single_process_rank_and_gather_defaults():
+    lm = DiffusionEvalLM(make_tiny("llada"), LLaDASampler(gen_length=8, steps=8, block_length=8),
+                         show_progress=False)
+    assert (lm.rank, lm.world_size) == (0, 1)
+    t = torch.tensor(3)
+    assert lm.all_gather(t) is t and lm.gather_object({"a": 1}) == [{"a": 1}]
+    lm.barrier()
 
 
 # ---- generation ------------------------------------------------------------------------------------

@@ -7,7 +7,16 @@
   ML-GSAI/LLaDA `eval_llada.py`): on x = context + continuation, mask only continuation tokens;
   sample j masks m_j of the L continuation tokens (m_j stratified over the samples, positions
   uniform); log p(continuation | context) ~ -(1/n) sum_j sum_{i masked in j} CE_i / (m_j / L).
-- Registered with lm-eval as model "fair_calib" (`model_args`: path=..., decoding=llada, sampler fields).
+  With `cfg_scale` > 0 the logits are LLaDA's guided ones (un + (cfg+1)(cond - un), prompt masked).
+  `is_greedy` (when `check_greedy`): unmasking the continuation one most-confident token at a time
+  with argmax tokens reproduces it (LLaDA's `suffix_greedy_prediction`).
+- `loglikelihood_rolling`: the same estimator over the whole text (windows of `rolling_window`
+  tokens, each conditioned on up to `rolling_context` preceding tokens, when it is longer).
+- Data parallel: under `accelerate launch` / `torchrun` (WORLD_SIZE > 1) the wrapper joins the
+  process group, takes rank / world size from it and places the model on cuda:LOCAL_RANK;
+  lm-eval's evaluator then shards the requests and gathers the metrics.
+- Registered with lm-eval as model "fair_calib" (`model_args`: path=..., decoding=llada, sampler fields);
+  `python -m fair_calib.benchmark.lm_eval_plugin install` makes lm-eval's own CLI find it.
 """
 
 from __future__ import annotations
@@ -15,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -25,6 +35,7 @@ from lm_eval.api.registry import register_model
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from fair_calib.benchmark.families import family_defaults
 from fair_calib.decoding.base import Sampler, decode_answer, left_pad
 from fair_calib.models.dllm import DiffusionLM
 from fair_calib.registry import ConfigError
@@ -48,9 +59,20 @@ def random_masks(counts: Tensor, target_len: int, generator: torch.Generator | N
     return perm < counts[:, None]
 
 
+def guided_logits(model: DiffusionLM, x: Tensor, prompt_len: int, cfg_scale: float = 0.0) -> Tensor:
+    """Aligned logits of x; with cfg_scale > 0, LLaDA's guidance un + (cfg + 1)(cond - un), un = prompt masked."""
+    if cfg_scale <= 0:
+        return model(x)
+    uncond = x.clone()
+    uncond[:, :prompt_len] = model.mask_id
+    cond, un = model(torch.cat([x, uncond])).chunk(2)
+    return un + (cfg_scale + 1) * (cond - un)
+
+
 @torch.no_grad()
 def mc_loglikelihood(model: DiffusionLM, context: Sequence[int], continuation: Sequence[int], mc_num: int = 16,
-                     mc_batch_size: int = 16, generator: torch.Generator | None = None) -> float:
+                     mc_batch_size: int = 16, generator: torch.Generator | None = None,
+                     cfg_scale: float = 0.0) -> float:
     """Monte Carlo estimate of log p(continuation | context); the context is never masked.
 
     All `mc_num` masks are drawn up front (counts stratified over the whole set), so the number
@@ -73,12 +95,36 @@ def mc_loglikelihood(model: DiffusionLM, context: Sequence[int], continuation: S
         m = unique[lo: lo + mc_batch_size].to(device)
         x = seq.to(device).repeat(len(m), 1)
         x[:, p:] = torch.where(m, model.mask_id, x[:, p:])
-        logits = model(x)[:, p:].float()
+        logits = guided_logits(model, x, p, cfg_scale)[:, p:].float()
         ce = F.cross_entropy(logits.transpose(1, 2), target.expand(len(m), -1), reduction="none")  # (b, L)
         ratio = m.sum(1).float() / length  # mask ratio m_j / L of each sequence
         weight = multiplicity[lo: lo + mc_batch_size].to(device)
         total += (weight * (ce * m).sum(1) / ratio).sum().item()
     return -total / mc_num
+
+
+@torch.no_grad()
+def greedy_unmask(model: DiffusionLM, context: Sequence[int], length: int, cfg_scale: float = 0.0) -> list[int]:
+    """Fill `length` masks after the context one position per step: the most confident masked
+    position gets its argmax token (never the mask token). `is_greedy` = this equals the continuation."""
+    p = len(context)
+    x = torch.tensor([list(context) + [model.mask_id] * length], dtype=torch.long, device=model.device)
+    for _ in range(length):
+        logits = guided_logits(model, x, p, cfg_scale)[0, p:].float()
+        logits[:, model.mask_id] = -torch.inf
+        confidence, token = torch.softmax(logits, -1).max(-1)
+        confidence = torch.where(x[0, p:] == model.mask_id, confidence, -torch.inf)
+        i = int(confidence.argmax())
+        x[0, p + i] = token[i]
+    return x[0, p:].tolist()
+
+
+def rolling_windows(tokens: Sequence[int], window: int, context: int = 0) -> list[tuple[list[int], list[int]]]:
+    """Disjoint windows of `window` tokens covering `tokens`; each paired with up to `context` tokens before it."""
+    if window <= 0 or context < 0:
+        raise ConfigError(f"rolling_window must be positive and rolling_context >= 0, got {window} and {context}")
+    tokens = list(tokens)
+    return [(tokens[max(0, lo - context): lo], tokens[lo: lo + window]) for lo in range(0, len(tokens), window)]
 
 
 # ---- generation helpers -------------------------------------------------------------------------
@@ -138,12 +184,15 @@ class DiffusionEvalLM(LM):
     """lm-eval model over an in-process `DiffusionLM` (built from `path` when none is given) and a `Sampler`."""
 
     def __init__(self, model: DiffusionLM | None = None, sampler: Sampler | None = None, *,
-                 path: str | None = None, decoding: str = "llada", device: str = "auto", dtype: str = "float32",
+                 path: str | None = None, decoding: str | None = None, device: str = "auto", dtype: str = "float32",
                  trust_remote_code: bool = False, seed: int = 0, batch_size: int | str = 32,
                  mc_num: int = 16, mc_batch_size: int = 16, gen_length: int | None = None,
                  max_gen_toks: int = 256, max_length: int = 4096, add_special_tokens: bool = False,
-                 show_progress: bool = True, max_batch_size: int | None = None, **sampler_args: Any) -> None:
+                 show_progress: bool = True, max_batch_size: int | None = None, cfg_scale: float | None = None,
+                 check_greedy: bool = False, rolling_window: int | None = None, rolling_context: int = 0,
+                 **sampler_args: Any) -> None:
         super().__init__()
+        self._rank, self._world_size, device = join_data_parallel(str(device))
         if model is None:
             if path is None:
                 raise ConfigError("DiffusionEvalLM needs a model or model_args path=<checkpoint folder>")
@@ -152,14 +201,23 @@ class DiffusionEvalLM(LM):
 
             model = load_dllm(resolve_model_path(path), dtype=dtype, device=resolve_device(str(device)),
                               trust_remote_code=_as_bool(trust_remote_code))
+        defaults = family_defaults(model)
         if sampler is None:
             from fair_calib.registry import build
 
             if gen_length is not None:
                 sampler_args.setdefault("gen_length", int(gen_length))
-            sampler = build("decoding", {"name": decoding, **{k: _literal(v) for k, v in sampler_args.items()}})
+            sampler = build("decoding", {"name": decoding or defaults.decoding,
+                                         **{k: _literal(v) for k, v in sampler_args.items()}})
         elif sampler_args:
             raise ConfigError(f"sampler settings {sorted(sampler_args)} given together with a built sampler")
+        cfg_scale = _literal(cfg_scale)
+        if cfg_scale is None:  # the sampler's guidance (LLaDA), else the family default
+            cfg_scale = getattr(sampler, "cfg_scale", defaults.cfg_scale)
+        elif hasattr(sampler, "cfg_scale"):
+            sampler = dataclasses.replace(sampler, cfg_scale=float(cfg_scale))
+        self.cfg_scale = float(cfg_scale)
+        self.check_greedy = _as_bool(check_greedy)
         if model.tokenizer is None:
             raise ConfigError("the model has no tokenizer attached (model.tokenizer)")
         if int(mc_num) <= 0 or int(mc_batch_size) <= 0:
@@ -173,6 +231,11 @@ class DiffusionEvalLM(LM):
         self.max_length = int(max_length)
         self.add_special_tokens = _as_bool(add_special_tokens)
         self.show_progress = _as_bool(show_progress)
+        self.rolling_window = int(rolling_window) if _literal(rolling_window) is not None else self.max_length
+        self.rolling_context = int(rolling_context)
+        if self.rolling_window + self.rolling_context > self.max_length:
+            raise ConfigError(f"rolling_window + rolling_context ({self.rolling_window} + {self.rolling_context}) "
+                              f"exceeds max_length {self.max_length}")
         self._device = model.device
 
     @property
@@ -198,7 +261,7 @@ class DiffusionEvalLM(LM):
 
     # ---- lm-eval API ------------------------------------------------------------------------
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
-        """(log p(continuation | context), is_greedy) per request; is_greedy is not computed yet (False)."""
+        """(log p(continuation | context), is_greedy) per request; is_greedy is False unless `check_greedy`."""
         out = []
         was_training = self.model.training
         self.model.eval()
@@ -211,18 +274,33 @@ class DiffusionEvalLM(LM):
                 if overflow > 0:
                     ctx = ctx[overflow:]
                 gen = torch.Generator().manual_seed(request_seed(self.seed, ctx, cont))
-                ll = mc_loglikelihood(self.model, ctx, cont, self.mc_num, self.mc_batch_size, gen)
-                out.append((ll, False))
-                self.cache_hook.add_partial("loglikelihood", (context, continuation), (ll, False))
+                ll = mc_loglikelihood(self.model, ctx, cont, self.mc_num, self.mc_batch_size, gen, self.cfg_scale)
+                greedy = self.check_greedy and greedy_unmask(self.model, ctx, len(cont), self.cfg_scale) == cont
+                out.append((ll, greedy))
+                self.cache_hook.add_partial("loglikelihood", (context, continuation), (ll, greedy))
         finally:
             self.model.train(was_training)
         return out
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
-        raise NotImplementedError(
-            "fair_calib: loglikelihood_rolling (perplexity tasks) is not implemented for diffusion LMs yet; "
-            "use generate_until or multiple-choice tasks"
-        )
+        """log p(text) per request: the Monte Carlo estimate summed over `rolling_windows` of the whole text."""
+        out = []
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for req in tqdm(requests, desc="loglikelihood_rolling (MC)",
+                            disable=disable_tqdm or not self.show_progress, mininterval=2):
+                (text,) = req.args[:1]
+                total = 0.0
+                for ctx, window in rolling_windows(self.encode(text), self.rolling_window, self.rolling_context):
+                    gen = torch.Generator().manual_seed(request_seed(self.seed, ctx, window))
+                    total += mc_loglikelihood(self.model, ctx, window, self.mc_num, self.mc_batch_size, gen,
+                                              self.cfg_scale)
+                out.append(total)
+                self.cache_hook.add_partial("loglikelihood_rolling", (text,), total)
+        finally:
+            self.model.train(was_training)
+        return out
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """Batched sampler decoding, batches grouped by generation and prompt length; outputs in request order."""
@@ -258,7 +336,69 @@ class DiffusionEvalLM(LM):
         return results
 
     def get_model_info(self) -> dict[str, Any]:
-        return {"sampler": type(self.sampler).__name__, "mc_num": self.mc_num, "seed": self.seed}
+        return {"sampler": type(self.sampler).__name__, "mc_num": self.mc_num, "seed": self.seed,
+                "cfg_scale": self.cfg_scale, "mask_id": int(self.model.mask_id)}
+
+    # ---- chat template -------------------------------------------------------------------------
+    def chat_template(self, chat_template: bool | str = False) -> str | None:
+        if not chat_template:
+            return None
+        template = getattr(self.tokenizer, "chat_template", None)
+        if not template:
+            raise ConfigError(f"apply_chat_template was asked but the tokenizer of {self.tokenizer_name or 'the model'}"
+                              " has no chat template (tokenizer_config.json chat_template): use a base-model "
+                              "prompt format (apply_chat_template=false)")
+        return template if isinstance(chat_template, bool) else chat_template
+
+    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """The few-shot chat history through the tokenizer's template (lm-eval's --apply_chat_template)."""
+        self.chat_template(True)
+        return self.tokenizer.apply_chat_template(chat_history, tokenize=False,
+                                                  add_generation_prompt=add_generation_prompt,
+                                                  continue_final_message=not add_generation_prompt)
+
+    # ---- data parallel (lm-eval's evaluator shards requests by rank and gathers through these) ----
+    def all_gather(self, tensor: Tensor) -> Tensor:
+        if self.world_size <= 1:
+            return tensor
+        import torch.distributed as dist
+
+        parts = [torch.zeros_like(tensor) for _ in range(self.world_size)]
+        dist.all_gather(parts, tensor)
+        return torch.stack(parts) if tensor.dim() == 0 else torch.cat(parts)
+
+    def gather_object(self, obj: Any, dst: int = 0) -> list[Any] | None:
+        if self.world_size <= 1:
+            return [obj]
+        import torch.distributed as dist
+
+        result = [None] * self.world_size if self.rank == dst else None
+        dist.gather_object(obj, result, dst=dst)
+        return result
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+
+def join_data_parallel(device: str) -> tuple[int, int, str]:
+    """(rank, world size, device) of this process. Under `accelerate launch` / `torchrun` (WORLD_SIZE > 1)
+    joins the default process group (NCCL on GPUs, Gloo on CPU) and uses cuda:LOCAL_RANK."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, device
+    import torch.distributed as dist
+
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available() and device != "cpu"
+    if cuda:
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
 
 
 def _as_bool(v: Any) -> bool:
