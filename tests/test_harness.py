@@ -174,6 +174,18 @@ def test_missing_dataset_is_one_clear_line(tmp_path: Path) -> None:
         mmlu.check_available()
 
 
+def test_the_paper_datasets_are_listed_for_a_local_mirror(capsys: pytest.CaptureFixture) -> None:
+    from fair_calib.benchmark.offline_data import main, required_datasets
+
+    refs = required_datasets("paper10")
+    assert {r.path for r in refs} == {"baber/piqa", "aps/super_glue", "allenai/winogrande", "allenai/ai2_arc",
+                                      "Rowan/hellaswag", "truthfulqa/truthful_qa", "cais/mmlu",
+                                      "openai/openai_humaneval", "openai/gsm8k"}
+    assert len([r for r in refs if r.path == "cais/mmlu"]) == 57
+    assert main(["list", "gsm8k"]) == 0 and capsys.readouterr().out == "openai/gsm8k\tmain\tgsm8k\n"
+    assert main(["download", "gsm8k"]) == 2 and "--data-dir" in capsys.readouterr().err
+
+
 def test_offline_scope_sets_and_restores_the_switches() -> None:
     import datasets.config
     import huggingface_hub.constants
