@@ -186,6 +186,16 @@ def test_the_paper_datasets_are_listed_for_a_local_mirror(capsys: pytest.Capture
     assert main(["download", "gsm8k"]) == 2 and "--data-dir" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # a fresh fair-calib process
+def test_fair_calib_stops_with_one_line_for_a_missing_dataset(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "fair_calib", "benchmark=gsm8k", f"benchmark.data_dir={tmp_path}",
+                           f"hydra.run.dir={tmp_path / 'run'}"], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: task gsm8k: dataset openai/gsm8k (config main)")
+
+
 def test_offline_scope_sets_and_restores_the_switches() -> None:
     import datasets.config
     import huggingface_hub.constants

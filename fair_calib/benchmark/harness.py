@@ -158,17 +158,20 @@ def missing_dataset_message(ref: DatasetRef, data_dir: str | None) -> str:
             f"datasets.load_dataset({ref.path!r}{name}) and copy ~/.cache/huggingface to HF_HOME here")
 
 
-def check_datasets(refs: Sequence[DatasetRef], data_dir: str | None) -> None:
-    """Raise DatasetUnavailableError (one line) for the first dataset neither in the local mirror nor the cache."""
+def check_datasets(refs: Sequence[DatasetRef], data_dir: str | None, known: set | None = None) -> None:
+    """Raise DatasetUnavailableError (one line) for the first dataset neither in the local mirror nor the cache.
+    `known`: (path, name) pairs already found, skipped and extended (a benchmark checks before every run)."""
     import datasets
 
+    known = set() if known is None else known
     for ref in refs:
-        if data_dir and (Path(data_dir) / ref.path).is_dir():
+        if (ref.path, ref.name) in known or (data_dir and (Path(data_dir) / ref.path).is_dir()):
             continue
         try:
             datasets.load_dataset_builder(ref.path, ref.name)
         except Exception as err:  # noqa: BLE001 - offline datasets raise ConnectionError, FileNotFoundError, ValueError
             raise DatasetUnavailableError(missing_dataset_message(ref, data_dir)) from err
+        known.add((ref.path, ref.name))
 
 
 @contextlib.contextmanager
@@ -343,6 +346,7 @@ class HarnessBenchmark:
         self.show_progress = bool(show_progress)
         self.last_samples: dict[str, list[dict[str, Any]]] = {}
         self.last_results: dict[str, Any] = {}
+        self._available: set[tuple[str, str | None]] = set()  # datasets found by an earlier check
 
     # ---- what the pipeline asks before running ------------------------------------------------
     def task_names(self) -> list[str]:
@@ -380,7 +384,7 @@ class HarnessBenchmark:
         if any(c.get("unsafe_code") for c in configs) and not self.confirm_run_unsafe_code:
             raise unsafe_code_error(task.task)
         if self.offline:
-            check_datasets(dataset_refs(configs), self.data_dir)
+            check_datasets(dataset_refs(configs), self.data_dir, self._available)
 
     @contextlib.contextmanager
     def _environment(self, task: HarnessTask) -> Iterator[None]:
