@@ -309,7 +309,8 @@ class HarnessBenchmark:
     def __init__(self, tasks: Mapping[str, Mapping[str, Any]], limit: int | float | None = None,
                  offline: bool = True, data_dir: str | None = None, confirm_run_unsafe_code: bool = False,
                  apply_chat_template: bool = False, fewshot_as_multiturn: bool = False, batch_size: int = 8,
-                 mc_batch_size: int = 32, max_length: int = 4096, check_greedy: bool = False,
+                 mc_batch_size: int = 32, max_length: int = 4096, add_special_tokens: bool = False,
+                 check_greedy: bool = False,
                  bootstrap_iters: int = 0, average: str | None = None, diagnostic_task: str | None = None,
                  show_progress: bool = True) -> None:
         if not tasks:
@@ -336,6 +337,7 @@ class HarnessBenchmark:
         self.apply_chat_template = bool(apply_chat_template)
         self.fewshot_as_multiturn = bool(fewshot_as_multiturn)
         self.batch_size, self.mc_batch_size, self.max_length = int(batch_size), int(mc_batch_size), int(max_length)
+        self.add_special_tokens = bool(add_special_tokens)
         self.check_greedy = bool(check_greedy)
         self.bootstrap_iters = int(bootstrap_iters)
         self.average = average
@@ -424,7 +426,8 @@ class HarnessBenchmark:
             lm = DiffusionEvalLM(model, task.sampler_for(sampler), seed=seed, batch_size=self.batch_size,
                                  mc_num=task.mc_num, mc_batch_size=self.mc_batch_size, max_length=self.max_length,
                                  gen_length=task.gen_length, cfg_scale=resolve_cfg_scale(task.cfg_scale, family),
-                                 check_greedy=self.check_greedy, show_progress=self.show_progress)
+                                 add_special_tokens=self.add_special_tokens, check_greedy=self.check_greedy,
+                                 show_progress=self.show_progress)
             with self._environment(task):
                 self._preflight(task, manager)
                 try:
