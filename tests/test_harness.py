@@ -245,7 +245,16 @@ def test_local_task_families_end_to_end_on_tiny_llada(local_tasks: Path) -> None
     assert {r["task"] for r in bench.last_samples["local_group"]} == {"local_piqa", "local_piqa_b"}
     gen = bench.last_samples["local_gsm8k"]
     assert len(gen) == 4 and all("\n\n" not in r["response"] for r in gen)  # cut at `until`
-    assert all(len(r["loglikelihoods"]) == 2 for r in bench.last_samples["local_group"])
+    mc = bench.last_samples["local_group"]
+    assert all(len(r["loglikelihoods"]) == 2 for r in mc)
+    assert metrics["local_group"]["acc"] == pytest.approx(sum(r["acc"] for r in mc) / len(mc))  # size-weighted
+    assert metrics["local_gsm8k"]["exact_match,strict-match"] == pytest.approx(
+        sum(r["exact_match"] for r in gen) / len(gen))
+    # bits per byte = -sum log p(text) / (ln 2 * sum bytes), from the per-document rolling log-likelihoods
+    rolling = bench.last_samples["local_wikitext"]
+    assert len(rolling) == 4 and all(r["response"] < 0 for r in rolling)
+    total_bytes = sum(len(r["prompt"].encode()) for r in rolling)
+    assert wiki["bits_per_byte"] == pytest.approx(-sum(r["response"] for r in rolling) / total_bytes / math.log(2))
 
 
 def test_local_tasks_on_tiny_dream_are_seeded(local_tasks: Path) -> None:
