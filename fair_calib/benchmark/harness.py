@@ -310,9 +310,8 @@ class HarnessBenchmark:
                  offline: bool = True, data_dir: str | None = None, confirm_run_unsafe_code: bool = False,
                  apply_chat_template: bool = False, fewshot_as_multiturn: bool = False, batch_size: int = 8,
                  mc_batch_size: int = 32, max_length: int = 4096, add_special_tokens: bool = False,
-                 check_greedy: bool = False,
-                 bootstrap_iters: int = 0, average: str | None = None, diagnostic_task: str | None = None,
-                 show_progress: bool = True) -> None:
+                 check_greedy: bool = False, bootstrap_iters: int = 0, average: str | None = None,
+                 diagnostic_task: str | None = None, show_progress: bool = True) -> None:
         if not tasks:
             raise ConfigError("benchmark.tasks is empty: name lm-eval tasks, e.g. "
                               "+benchmark.tasks.arc_easy.task=arc_easy, or pick benchmark=paper10 / gsm8k / ...")
