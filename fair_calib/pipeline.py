@@ -9,6 +9,7 @@ are read. Results go to the run folder (`results.json`, written atomically) and 
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import random
 import time
@@ -65,16 +66,47 @@ def format_table(columns: dict[str, dict[str, dict[str, float]]]) -> str:
     return "\n".join([line(head), sep] + [line(r) for r in rows])
 
 
+_VOLATILE = {"force", "threads", "logger", "group", "cache_dir", "progress", "show_progress", "offload_dir"}
+
+
+def run_key(plain: dict[str, Any]) -> str:
+    """Hash of a resolved config without the keys that do not change results (caches, threads, logging)."""
+
+    def strip(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {k: strip(v) for k, v in node.items() if k not in _VOLATILE}
+        if isinstance(node, list):
+            return [strip(v) for v in node]
+        return node
+
+    return stable_hash(strip(plain))
+
+
+def display_name(name: str) -> str:
+    """The table name of a quantizer or method (conf/method/<name>.yaml's label, else the name itself)."""
+    path = CONF_DIR / "method" / f"{name}.yaml"
+    if path.is_file():
+        label = (OmegaConf.load(path).get("method") or {}).get("label")
+        if label:
+            return str(label)
+    return name
+
+
 class Pipeline:
     """Holds the built components of one run; `run()` executes the stages in order."""
 
-    def __init__(self, cfg: DictConfig, run_dir: Path) -> None:
+    def __init__(self, cfg: DictConfig, run_dir: Path, choices: dict[str, Any] | None = None,
+                 group: str | None = None) -> None:
         self.cfg, self.run_dir = cfg, Path(run_dir)
         self.plain: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
+        self.choices = {k: v for k, v in (choices or {}).items() if not str(k).startswith("hydra")}
+        self.group = group if group is not None else cfg.get("group")
+        self.config_hash = run_key(self.plain)
         # build (and thereby validate) everything before loading weights
         self.device = resolve_device(str(cfg.device))
         self.model_spec = build("model", cfg.model)
         self.quantizer = build("quantizer", cfg.quantizer)
+        self._check_method()
         self.sampler = build("decoding", cfg.decoding)
         self.benchmark = build("benchmark", cfg.benchmark)
         if hasattr(self.benchmark, "validate_sampler"):
@@ -96,7 +128,18 @@ class Pipeline:
             for key in BitSettings.__dataclass_fields__:
                 if key in c and key in self.plain["quantizer"]:
                     c[key] = self.plain["quantizer"][key]
-            yield f"{c['name']} {BitSettings(**{k: c[k] for k in BitSettings.__dataclass_fields__ if k in c}).label}", c
+            bits = BitSettings(**{k: c[k] for k in BitSettings.__dataclass_fields__ if k in c}).label
+            yield f"{display_name(c['name'])} {bits}", c
+
+    def _check_method(self) -> None:
+        """A method preset pins its quantizer: `quantizer=gptq` under `method=fair_calib` is a mistake."""
+        method = self.plain.get("method") or {}
+        want, got = method.get("quantizer"), self.plain["quantizer"].get("name")
+        if want and got != want:
+            raise ConfigError(
+                f"quantizer={got} conflicts with method={method.get('name')} (which uses quantizer={want}); "
+                f"pick the method instead (method={got}), or method=custom to combine quantizer=, prior= and "
+                f"weighting= yourself")
 
     # ---- helpers ----------------------------------------------------------------------------
     def _timed(self, key: str, fn, *args, **kwargs):
@@ -107,7 +150,8 @@ class Pipeline:
 
     @property
     def method_label(self) -> str:
-        return str(self.cfg.get("method_label") or f"{self.cfg.quantizer.name} {self.quantizer.label}").strip()
+        label = (self.plain.get("method") or {}).get("label") or display_name(str(self.cfg.quantizer.name))
+        return f"{label} {self.quantizer.label}".strip()
 
     def _evaluate(self, model, tag: str) -> dict[str, dict[str, float]]:
         metrics = self.benchmark.evaluate(model, self.sampler, seed=int(self.cfg.seed))
@@ -124,8 +168,6 @@ class Pipeline:
                            "seed": self.plain["seed"]})
         path = Path(self.cfg.cache_dir) / "eval" / f"{key}.json"
         if path.is_file() and not self.cfg.get("force", False):
-            import json
-
             log.info("evaluation cache hit (%s): %s", (method or {}).get("name", "fp"), path)
             return json.loads(path.read_text())["metrics"]
         tag = (method or {}).get("name", "fp")
@@ -139,16 +181,37 @@ class Pipeline:
         return q
 
     # ---- the run ----------------------------------------------------------------------------
+    def finished_results(self) -> dict[str, Any] | None:
+        """results.json of an earlier run of the same resolved config in this folder (None when absent,
+        failed, from another config, or force=true)."""
+        path = self.run_dir / "results.json"
+        if self.cfg.get("force", False) or not path.is_file():
+            return None
+        try:
+            old = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            return None
+        ok = old.get("status") == "ok" and old.get("run", {}).get("config_hash") == self.config_hash
+        return old if ok else None
+
     def run(self) -> dict[str, Any]:
         cfg = self.cfg
+        done = self.finished_results()
+        if done is not None:
+            print(f"skipped: {self.run_dir / 'results.json'} already holds this config "
+                  f"(hash {self.config_hash}); force=true reruns it")
+            return done
         seed_everything(int(cfg.seed))
         if cfg.get("threads"):
             torch.set_num_threads(int(cfg.threads))
         name = f"{self.model_spec.label}/{self.method_label}"
-        tags = [self.model_spec.label, str(cfg.quantizer.name), self.quantizer.label, str(cfg.weighting.name),
-                str(cfg.prior.name)]
+        tags = [f"model:{self.model_spec.label}", f"quantizer:{cfg.quantizer.name}", f"bits:{self.quantizer.label}",
+                f"weighting:{cfg.weighting.name}", f"prior:{cfg.prior.name}",
+                f"method:{(self.plain.get('method') or {}).get('name', 'custom')}"]
+        if cfg.get("experiment_name"):
+            tags.append(f"experiment:{cfg.experiment_name}")
         write_text_atomic(self.run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-        self.logger.start(self.run_dir, self.plain, name=name, group=cfg.get("group"), tags=tags)
+        self.logger.start(self.run_dir, self.plain, name=name, group=self.group, tags=tags)
         try:
             results = self._run_stages()
         finally:
@@ -174,6 +237,9 @@ class Pipeline:
         token_weights = None
         if calib is not None:
             token_weights = self.weighting.token_weights(calib.answer_offset, calib.attention_mask, prior)
+        if prior is not None:  # F, R and the final per-position weights of this run, side by side
+            files = prior.save(self.run_dir / "prior", weights=self.weighting.position_weights(prior))
+            self.logger.log_image("prior/weights", files["png"])
         for label, (bcfg, bq) in self.baselines.items():
             if bq.requires_calibration:  # calibrated baselines use the plain (uniform) objective
                 metrics[label] = self._timed(f"baseline_{bcfg['name']}_s", self._evaluate,
@@ -203,9 +269,11 @@ class Pipeline:
         if not is_fp or not cfg.compare_fp:
             metrics[self.method_label] = self._timed("eval_quant_s", self._evaluate, qmodel, str(cfg.quantizer.name))
         if cfg.get("save_quantized") and not is_fp:
-            from fair_calib.models.loading import save_dllm
+            from fair_calib.export import save_quantized
 
-            save_dllm(qmodel, self.run_dir / "quantized_model")
+            folder = self._timed("save_s", save_quantized, qmodel, self.run_dir / "quantized_model",
+                                 method=str(cfg.quantizer.name), bits_label=self.quantizer.label)
+            log.info("quantized model saved to %s (reload: model.path=%s)", folder, folder)
         return self._finish(metrics, report, diag)
 
     def _diagnostic_prompts(self) -> list[str]:
@@ -230,9 +298,13 @@ class Pipeline:
         results = {
             "status": "ok",
             "run": {"model": self.model_spec.label, "quantizer": self.cfg.quantizer.name,
-                    "bits": self.quantizer.label, "method": self.method_label, "prior": self.cfg.prior.name,
-                    "weighting": self.cfg.weighting.name, "seed": int(self.cfg.seed),
-                    "config_hash": stable_hash(self.plain)},
+                    "bits": self.quantizer.label, "method": self.method_label,
+                    "method_name": (self.plain.get("method") or {}).get("name", "custom"),
+                    "prior": self.cfg.prior.name, "weighting": self.cfg.weighting.name,
+                    "experiment": self.cfg.get("experiment_name"), "group": self.group,
+                    "seed": int(self.cfg.seed), "config_hash": self.config_hash},
+            "choices": self.choices,
+            "config": self.plain,
             "metrics": metrics,
             "summary": summary,
             "calibration": report,

@@ -15,6 +15,9 @@ from fair_calib.models.loading import save_dllm
 
 SMALL_BENCH = ["benchmark.n={addition:6,word_problems:4,compare:6}", "benchmark.mc_num=2",
                "benchmark.show_progress=false", "diagnostics.n_prompts=4"]
+SMALL_FAIR = ["quantizer.epochs=1", "quantizer.progress=false", "prior.n_probe=8", "prior.progress=false",
+              "data.n_samples=8"]
+RTN = ["experiment=none", "method=rtn"]  # a bare RTN run: the quickest full pipeline
 
 
 @pytest.fixture(scope="module")
@@ -32,12 +35,16 @@ def run_cli(args: list[str], cwd: Path, cache: Path) -> subprocess.CompletedProc
 
 
 def test_default_job_writes_results_table_and_wandb(model_dir, tmp_path):
-    proc = run_cli([f"model.path={model_dir}", "hydra.run.dir=run", *SMALL_BENCH], tmp_path, tmp_path / "cache")
+    """The default job is experiment=fair_calib: FP, RTN and FAIR-Calib at W4A4 in one run."""
+    proc = run_cli([f"model.path={model_dir}", "hydra.run.dir=run", *SMALL_BENCH, *SMALL_FAIR], tmp_path,
+                   tmp_path / "cache")
     assert proc.returncode == 0, proc.stderr[-2000:]
     run = tmp_path / "run"
     results = json.loads((run / "results.json").read_text())
     assert results["status"] == "ok"
-    assert set(results["metrics"]) == {"FP", "rtn W4A4"}
+    assert set(results["metrics"]) == {"FP", "RTN W4A4", "FAIR-Calib W4A4"}
+    assert results["run"]["method_name"] == "fair_calib" and results["run"]["experiment"] == "fair_calib"
+    assert results["choices"]["method"] == "fair_calib" and results["config"]["prior"]["n_probe"] == 8
     for column in results["metrics"].values():
         assert set(column) == {"tinyreason_addition", "tinyreason_word_problems", "tinyreason_compare"}
         assert all(0.0 <= v <= 1.0 for task in column.values() for v in task.values())
@@ -49,10 +56,15 @@ def test_default_job_writes_results_table_and_wandb(model_dir, tmp_path):
     for name in ("scalars.json", "per_step.csv", "flip_rate.png", "prob_mse.png", "lag_histogram.png"):
         assert (run / "diagnostics" / name).is_file(), name
     assert 0.0 <= results["summary"]["diag/flip_rate"] <= 1.0
+    # the prior with this run's final per-position weights (mean 1 over the window)
+    header, *rows = (run / "prior" / "prior.csv").read_text().splitlines()
+    assert header.split(",")[-1] == "weight" and len(rows) == 32
+    assert sum(float(r.split(",")[-1]) for r in rows) / len(rows) == pytest.approx(1.0, abs=1e-5)
+    assert (run / "prior" / "prior.png").stat().st_size > 1000
 
 
 def test_fp_evaluation_is_cached_across_runs(model_dir, tmp_path):
-    args = [f"model.path={model_dir}", "logger=none", *SMALL_BENCH]
+    args = [f"model.path={model_dir}", "logger=none", *RTN, *SMALL_BENCH]
     first = run_cli([*args, "hydra.run.dir=a"], tmp_path, tmp_path / "cache")
     second = run_cli([*args, "hydra.run.dir=b", "quantizer.w_bits=8", "quantizer.a_bits=8"], tmp_path,
                      tmp_path / "cache")
@@ -63,14 +75,29 @@ def test_fp_evaluation_is_cached_across_runs(model_dir, tmp_path):
     assert a == b
 
 
-def test_multirun_runs_each_job(model_dir, tmp_path):
-    proc = run_cli(["-m", f"model.path={model_dir}", "logger=none", "quantizer.w_bits=4,8",
-                    "hydra.sweep.dir=sweep", *SMALL_BENCH], tmp_path, tmp_path / "cache")
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    results = sorted((tmp_path / "sweep").glob("*/results.json"))
-    assert len(results) == 2
-    bits = sorted(json.loads(p.read_text())["run"]["bits"] for p in results)
-    assert bits == ["W4A4", "W8A4"]
+def test_multirun_runs_each_job_resumes_and_records_failures(model_dir, tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in model_dir.iterdir():
+        (broken / f.name).write_bytes(f.read_bytes()[:100] if f.suffix == ".safetensors" else f.read_bytes())
+    args = ["-m", "logger=none", *RTN, "hydra.sweep.dir=sweep", *SMALL_BENCH]
+    proc = run_cli([*args, f"model.path={model_dir},{broken}", "quantizer.w_bits=4,8"], tmp_path, tmp_path / "cache")
+    assert proc.returncode == 0, proc.stderr[-2000:]  # a failed job does not stop the sweep
+    results = {p.parent.name: json.loads(p.read_text()) for p in (tmp_path / "sweep").glob("*/results.json")}
+    assert len(results) == 4
+    ok = [r for r in results.values() if r["status"] == "ok"]
+    assert sorted(r["run"]["bits"] for r in ok) == ["W4A4", "W8A4"]
+    failed = [name for name, r in results.items() if r["status"] == "failed"]
+    assert sorted(name[:2] for name in failed) == ["2_", "3_"]  # jobs 2 and 3 read the broken folder
+    assert "Traceback" in (tmp_path / "sweep" / failed[0] / "error.txt").read_text()
+    assert proc.stderr.count("error: job") == 2
+
+    # rerun: the finished jobs are skipped (same config hash), the failed ones are retried
+    again = run_cli([*args, f"model.path={model_dir}", "quantizer.w_bits=4,8"], tmp_path, tmp_path / "cache")
+    assert again.returncode == 0 and again.stdout.count("skipped:") == 2, again.stdout[-2000:]
+    forced = run_cli([*args, f"model.path={model_dir}", "quantizer.w_bits=4", "force=true"], tmp_path,
+                     tmp_path / "cache")
+    assert forced.returncode == 0 and "skipped:" not in forced.stdout
 
 
 @pytest.mark.parametrize(
@@ -80,6 +107,7 @@ def test_multirun_runs_each_job(model_dir, tmp_path):
         ("quantizer.w_bits=1", "bit width 1 is out of range"),
         ("model.path=/nonexistent/folder", "model folder /nonexistent/folder does not exist"),
         ("decoding.block_length=5", "block_length 5 does not divide"),
+        ("quantizer=gptq", "quantizer=gptq conflicts with method=fair_calib (which uses quantizer=flatquant)"),
     ],
 )
 def test_bad_input_fails_with_one_line_and_writes_nothing(override, message, tmp_path):

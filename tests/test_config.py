@@ -41,17 +41,46 @@ def test_groups_are_discovered() -> None:
 
 
 def test_default_config() -> None:
-    cfg = compose_cfg()
-    assert cfg.quantizer.name == "rtn" and cfg.decoding.name == "llada" and cfg.model.path == "tiny-llada"
+    cfg = compose_cfg()  # the default job: experiment=fair_calib (FP vs RTN vs FAIR-Calib at W4A4)
+    assert (cfg.quantizer.name, cfg.prior.name, cfg.weighting.name) == ("flatquant", "fair", "fair")
+    assert cfg.method.label == "FAIR-Calib" and list(cfg.baselines) == ["rtn"]
+    assert cfg.decoding.name == "llada" and cfg.model.path == "tiny-llada"
     assert (cfg.quantizer.w_bits, cfg.quantizer.a_bits) == (4, 4)
+    bare = compose_cfg("experiment=none")
+    assert (bare.quantizer.name, bare.method.name, list(bare.baselines)) == ("rtn", "custom", [])
     OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
+
+
+def test_method_presets_and_bit_presets() -> None:
+    cfg = compose_cfg("method=gptq")
+    assert (cfg.quantizer.name, cfg.prior.name, cfg.weighting.name, cfg.method.label) == ("gptq", "none", "uniform",
+                                                                                          "GPTQ")
+    cfg = compose_cfg("experiment=none", "method=awq", "bits=w4a16_g64")
+    q = build("quantizer", cfg.quantizer)
+    assert q.label == "W4A16-g64"
+    cfg = compose_cfg("method=quarot", "bits=w8a8")
+    assert build("quantizer", cfg.quantizer).label == "W8A8"
+
+
+@pytest.mark.parametrize("name", ["paper_main", "paper_ablation", "probe_budget", "baselines", "diagnostics"])
+def test_named_experiments_carry_their_sweep(name: str) -> None:
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=[f"experiment={name}"], return_hydra_config=True)
+    params = cfg.hydra.sweeper.params
+    assert params["model"] == "tiny_llada,tiny_dream" and len(params) >= 2
+    sweep_dir = OmegaConf.to_container(cfg.hydra.sweep, resolve=False)["dir"]
+    assert sweep_dir == "multirun/${experiment_name}" and cfg.experiment_name == name  # fixed: reruns resume
+    for key, values in params.items():  # every swept value composes
+        for value in str(values).split(","):
+            if "." not in key:
+                OmegaConf.to_container(compose_cfg(f"experiment={name}", f"{key}={value}"), resolve=True)
 
 
 @pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_every_option_composes(group: str, option: str) -> None:
     cfg = compose_cfg(f"{group}={option}")
     OmegaConf.to_container(cfg, resolve=True)
-    if group == "experiment":
+    if group in ("experiment", "bits"):  # global / quantizer-package presets: no node of their own
         return
     node = cfg[group]
     assert isinstance(node.get("name"), str) and node.name, f"conf/{group}/{option}.yaml has no `name` key"
