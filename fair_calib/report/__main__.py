@@ -1,0 +1,41 @@
+"""python -m fair_calib.report <sweep or run folder>... [--out DIR] [--wandb ENTITY/PROJECT]
+
+Prints the Markdown tables and writes report.md, report.tex, report.html (self-contained: the offline
+dashboard) and the PNG figures to --out (default: <first folder>/report).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from fair_calib.report.build import build_report
+from fair_calib.report.collect import collect_runs, records_from_wandb
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fair_calib.report", description=__doc__.splitlines()[0])
+    parser.add_argument("folders", nargs="*", help="run or sweep folders (searched for results.json)")
+    parser.add_argument("--out", default=None, help="output folder (default: <first folder>/report)")
+    parser.add_argument("--wandb", default=None, metavar="ENTITY/PROJECT",
+                        help="also read the finished runs of a W&B project (needs network and a W&B key)")
+    args = parser.parse_args(argv)
+    if not args.folders and not args.wandb:
+        parser.error("give at least one sweep folder (e.g. multirun/paper_main) or --wandb ENTITY/PROJECT")
+    try:
+        records = collect_runs(args.folders)
+        if args.wandb:
+            records += records_from_wandb(args.wandb)
+        out = Path(args.out) if args.out else Path(args.folders[0] if args.folders else ".") / "report"
+        report, files = build_report(records, out)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(report.to_markdown())
+    print("\n".join(f"{kind}: {path}" for kind, path in files.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
