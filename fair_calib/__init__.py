@@ -4,3 +4,23 @@ from pathlib import Path
 
 __version__ = "0.1.0"
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+def short_dirname(name: str, limit: int = 120) -> str:
+    """A run folder name from Hydra's override_dirname: kept when short, else cut and suffixed with a hash
+    of the whole name (file systems refuse names over 255 bytes; long sweeps exceed that)."""
+    import hashlib
+
+    name = str(name).replace("/", "_")
+    if len(name) <= limit:
+        return name
+    return f"{name[: limit - 17]}~{hashlib.sha256(name.encode()).hexdigest()[:16]}"
+
+
+def _register_resolvers() -> None:
+    from omegaconf import OmegaConf
+
+    OmegaConf.register_new_resolver("fc_dirname", short_dirname, replace=True)
+
+
+_register_resolvers()
