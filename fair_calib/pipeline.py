@@ -289,6 +289,13 @@ class Pipeline:
             summary.update(flat_metrics("fp", metrics["FP"]))
         summary.update(flat_metrics("quant", metrics[quant_key]))
         summary.update({k: v for k, v in diag.items() if isinstance(v, int | float)})
+        report = report or {}
+        summary.update({f"calib/{k}": v for k, v in report.items()
+                        if isinstance(v, int | float) and not isinstance(v, bool)})
+        blocks = report.get("blocks") or []
+        if blocks and isinstance(blocks[0], dict):  # per-block reconstruction error of the layer-wise engine
+            cols = [k for k, v in blocks[0].items() if isinstance(v, int | float | str)]
+            self.logger.log_table("calibration/blocks", cols, [[b.get(c) for c in cols] for b in blocks])
         for name, rows in getattr(diag, "tables", {}).items():
             if rows:
                 self.logger.log_table(f"diagnostics/{name}", list(rows[0]), [list(r.values()) for r in rows])
