@@ -21,10 +21,39 @@ from fair_calib.utils.io import write_text_atomic
 
 
 def train_command(tc: dict, out: str) -> str:
+    """The command that reproduces a training run: every setting that differs from TrainConfig's defaults."""
+    from dataclasses import fields
+
+    from fair_calib.train.tiny import TrainConfig
+
+    defaults = TrainConfig()
+    if tc["family"] == "dream":  # the trainer's own default for Dream
+        defaults.n_kv_heads = defaults.n_heads // 3
     args = [f"--family {tc['family']}", f"--threads {tc['threads']}", f"--out {out}"]
-    if tc["family"] == "dream":
-        args += [f"--n-kv-heads {tc['n_kv_heads']}", f"--intermediate-size {tc['intermediate_size']}"]
+    for f in fields(TrainConfig):
+        if f.name in ("family", "threads", "out", "init") or f.name not in tc:
+            continue
+        if tc[f.name] != getattr(defaults, f.name):
+            value = json.dumps(tc[f.name]) if isinstance(tc[f.name], dict) else tc[f.name]
+            args.append(f"--{f.name.replace('_', '-')} {value!s}" if not isinstance(tc[f.name], dict)
+                        else f"--{f.name.replace('_', '-')} '{value}'")
     return "python -m fair_calib.train.tiny " + " ".join(args)
+
+
+TARGETS = {"tinyreason_addition": 0.90, "tinyreason_word_problems": 0.60, "tinyreason_compare": 0.90}
+
+
+def targets_text(metrics: dict) -> str:
+    """One line per target of the foundation issue: met or not, with the measured value."""
+    lines = []
+    for task, target in TARGETS.items():
+        value = next(iter(metrics.get(task, {}).values()), None)
+        if value is None:
+            continue
+        verdict = "met" if value >= target else "NOT met"
+        name = task.removeprefix("tinyreason_")
+        lines.append(f"- {name}: {100 * value:.1f} % (target >= {100 * target:.0f}): {verdict}")
+    return "\n".join(lines)
 
 
 def write_card(folder: str | Path, seed: int = 0, threads: int | None = None) -> dict:
@@ -68,6 +97,10 @@ Default sampler `conf/decoding/{cfg.family}.yaml`, `benchmark=tiny` (seed {seed}
 | task | metric | % |
 |---|---|---|
 {rows}
+
+Targets of the foundation issue with the default sampler:
+
+{targets_text(metrics)}
 """
     write_text_atomic(folder / "README.md", card)
     return metrics
