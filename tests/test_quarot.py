@@ -74,6 +74,12 @@ def test_residual_stream_is_rotated() -> None:
             assert _rel(h, h_fp @ q) < 1e-5
     # the rotation really mixes channels: it is not the identity on the residual stream
     assert _rel(model.embed(IDS), fp.embed(IDS)) > 0.5
+    # the diagnostics compare last-block outputs in the FP basis (model.residual_basis = Q)
+    from fair_calib.diagnostics.hidden_mse import last_block_outputs
+
+    attn = torch.ones_like(IDS)
+    assert torch.equal(model.residual_basis, q)
+    assert _rel(last_block_outputs(model, IDS, attn), last_block_outputs(fp, IDS, attn)) < 1e-5
 
 
 def test_offline_merges_match_hand_built_matrices() -> None:

@@ -38,9 +38,14 @@ def weighted_mean(errors: Tensor, weights: Tensor) -> tuple[float, float]:
 
 @torch.no_grad()
 def last_block_outputs(model: DiffusionLM, ids: Tensor, attn: Tensor) -> Tensor:
-    """Output of the last block (before the final norm) for a full, unmasked sequence."""
+    """Output of the last block (before the final norm) for a full, unmasked sequence, in the FP basis: a model
+    whose residual stream was rotated (QuaRot: x -> x Q, recorded as `model.residual_basis`) is mapped back."""
     ids, attn = ids.to(model.device), attn.to(model.device)
-    return model.hidden_states(ids, None if bool(attn.all()) else attn).cpu()
+    h = model.hidden_states(ids, None if bool(attn.all()) else attn).cpu()
+    basis = getattr(model, "residual_basis", None)
+    if basis is not None:
+        h = (h.double() @ basis.double().T).to(h.dtype)
+    return h
 
 
 def token_weights(prompt_mask: Tensor, gen_length: int, position_weight: PositionWeight | None) -> Tensor:

@@ -239,6 +239,8 @@ def rotate_model(model: DiffusionLM, seed: int = 0, o_mode: str = "auto", rotate
         absorb_block_o_input(block, online_o, cfg.head_dim)
         absorb_block_down_input(block)
         install_online_hadamards(block, cfg, o_mode, rotate_qk)
+    # the residual stream is now x @ q; diagnostics that compare hidden states with the FP model map back
+    model.residual_basis = q.detach().float().cpu()
     return {"rotation_seed": seed, "o_hadamard": o_mode, "qk_hadamard": rotate_qk,
             "hadamard_factors": {"d_model": list(hadamard_factor(cfg.d_model)),
                                  "intermediate": list(hadamard_factor(cfg.intermediate_size)),
