@@ -17,10 +17,18 @@ def short_dirname(name: str, limit: int = 120) -> str:
     return f"{name[: limit - 17]}~{hashlib.sha256(name.encode()).hexdigest()[:16]}"
 
 
+def short_hash(text: str, n: int = 8) -> str:
+    """A few hex digits naming a set of overrides (readable sweep folders stay unique per override set)."""
+    import hashlib
+
+    return hashlib.sha256(str(text).encode()).hexdigest()[:n]
+
+
 def _register_resolvers() -> None:
     from omegaconf import OmegaConf
 
     OmegaConf.register_new_resolver("fc_dirname", short_dirname, replace=True)
+    OmegaConf.register_new_resolver("fc_hash", short_hash, replace=True)
 
 
 _register_resolvers()

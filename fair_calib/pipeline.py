@@ -151,6 +151,8 @@ class Pipeline:
     @property
     def method_label(self) -> str:
         label = (self.plain.get("method") or {}).get("label") or display_name(str(self.cfg.quantizer.name))
+        if self.cfg.quantizer.name == "fp":
+            return "FP"
         return f"{label} {self.quantizer.label}".strip()
 
     def _evaluate(self, model, tag: str) -> dict[str, dict[str, float]]:
