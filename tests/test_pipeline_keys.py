@@ -1,0 +1,61 @@
+"""Run identity: the config hash that makes sweeps resumable, method labels, and method/quantizer conflicts."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from test_config import compose_cfg
+
+from fair_calib.pipeline import Pipeline, display_name, run_key
+from fair_calib.registry import ConfigError
+
+
+def test_run_key_ignores_volatile_keys_only():
+    base = {"seed": 0, "quantizer": {"name": "rtn", "w_bits": 4, "progress": True},
+            "prior": {"cache_dir": "/a", "force": False, "n_probe": 8}, "threads": 1, "logger": {"name": "wandb"}}
+    same = json.loads(json.dumps(base))
+    same.update(threads=2, logger={"name": "none"})
+    same["quantizer"]["progress"] = False
+    same["prior"].update(cache_dir="/b", force=True)
+    assert run_key(base) == run_key(same)
+    for path, value in ((("seed",), 1), (("quantizer", "w_bits"), 8), (("prior", "n_probe"), 16)):
+        other = json.loads(json.dumps(base))
+        node = other
+        for k in path[:-1]:
+            node = node[k]
+        node[path[-1]] = value
+        assert run_key(other) != run_key(base), path
+
+
+def test_display_names_and_labels(tmp_path):
+    assert display_name("fair_calib") == "FAIR-Calib" and display_name("smoothquant") == "SmoothQuant"
+    assert display_name("nosuch") == "nosuch"
+    labels = {}
+    for overrides in (("method=gptq",), ("method=fp",), ("experiment=none", "quantizer=awq", "bits=w4a16_g64"),
+                      ("method=quarot", "bits=w8a8")):
+        cfg = compose_cfg(*overrides, "logger=none")
+        labels[overrides[0]] = Pipeline(cfg, tmp_path).method_label
+    assert labels == {"method=gptq": "GPTQ W4A4", "method=fp": "FP", "experiment=none": "AWQ W4A16-g64",
+                      "method=quarot": "QuaRot W8A8"}
+
+
+def test_quantizer_that_contradicts_the_method_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="quantizer=gptq conflicts with method=fair_calib"):
+        Pipeline(compose_cfg("quantizer=gptq", "logger=none"), tmp_path)
+    Pipeline(compose_cfg("experiment=none", "quantizer=gptq", "logger=none"), tmp_path)  # custom: any quantizer
+
+
+def test_finished_results_are_reused_only_for_the_same_config(tmp_path):
+    cfg = compose_cfg("method=rtn", "logger=none")
+    p = Pipeline(cfg, tmp_path)
+    assert p.finished_results() is None
+    (tmp_path / "results.json").write_text(json.dumps({"status": "ok", "run": {"config_hash": p.config_hash}}))
+    assert p.finished_results() == {"status": "ok", "run": {"config_hash": p.config_hash}}
+    assert p.run()["status"] == "ok"  # returned without loading anything
+    (tmp_path / "results.json").write_text(json.dumps({"status": "failed", "run": {"config_hash": p.config_hash}}))
+    assert p.finished_results() is None
+    (tmp_path / "results.json").write_text(json.dumps({"status": "ok", "run": {"config_hash": "other"}}))
+    assert p.finished_results() is None
+    (tmp_path / "results.json").write_text(json.dumps({"status": "ok", "run": {"config_hash": p.config_hash}}))
+    assert Pipeline(compose_cfg("method=rtn", "logger=none", "force=true"), tmp_path).finished_results() is None
