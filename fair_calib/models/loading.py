@@ -105,6 +105,10 @@ def load_dllm(path: str | Path, dtype: str = "float32", device: str | torch.devi
     cfg = DLLMConfig.from_hf_dict(raw)
     with torch.device("meta"):
         model = build_model(cfg)
+    if "quantization_config" in raw:  # an exported quantized folder: packed linears and online ops (fair_calib.export)
+        from fair_calib.export.reload import install_from_config
+
+        install_from_config(model, raw)
     state = load_state_dict(folder)
     model_keys = set(model.state_dict().keys())
     missing, unexpected = model_keys - state.keys(), state.keys() - model_keys
@@ -114,7 +118,8 @@ def load_dllm(path: str | Path, dtype: str = "float32", device: str | torch.devi
             f"(missing {sorted(missing)[:5]}{'...' if len(missing) > 5 else ''}, "
             f"unexpected {sorted(unexpected)[:5]}{'...' if len(unexpected) > 5 else ''})"
         )
-    model.load_state_dict({k: v.to(DTYPES[dtype]) for k, v in state.items()}, assign=True)
+    model.load_state_dict({k: v.to(DTYPES[dtype]) if v.is_floating_point() else v for k, v in state.items()},
+                          assign=True)
     model.to(device)
     model.tokenizer = load_tokenizer(folder, trust_remote_code)
     model.eval()
