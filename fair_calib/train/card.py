@@ -64,7 +64,6 @@ def write_card(folder: str | Path, seed: int = 0, threads: int | None = None) ->
     folder = Path(folder)
     model = load_dllm(folder)
     info = json.loads((folder / "training.json").read_text())
-    tc = info["train_config"]
     decoding = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "decoding" / f"{model.config.family}.yaml"))
     sampler = build("decoding", decoding)
     bench = build("benchmark", {"name": "tiny"})
@@ -72,6 +71,22 @@ def write_card(folder: str | Path, seed: int = 0, threads: int | None = None) ->
     metrics = bench.evaluate(model, sampler, seed=seed)
     eval_s = time.time() - t0
     rows = "\n".join(f"| {task} | {name} | {100 * v:.1f} |" for task, m in metrics.items() for name, v in m.items())
+    phases = [*info.get("previous_phases", []), info]
+    out = f"fair_calib/assets/{folder.name}"
+    phase_rows = []
+    for i, ph in enumerate(phases, 1):
+        ptc = ph["train_config"]
+        tag = f" (phase {i} of {len(phases)})" if len(phases) > 1 else ""
+        init = f" --init {out}" if i > 1 else ""
+        phase_rows += [
+            f"| training{tag} | {ptc['steps']} steps x batch {ptc['batch_size']}, AdamW lr {ptc['lr']} cosine, "
+            f"seed {ptc['seed']}, {ptc['threads']} thread(s) |",
+            f"| wall time{tag} | {ph['wall_time_s'] / 60:.1f} min on a shared 2-core machine |",
+            f"| command{tag} | `{train_command(ptc, out)}{init}` |"]
+    if len(phases) > 1:
+        total = sum(ph["wall_time_s"] for ph in phases) / 60
+        phase_rows.append(f"| total | {sum(ph['train_config']['steps'] for ph in phases)} steps, {total:.1f} min |")
+    phase_rows = "\n".join(phase_rows)
     cfg = model.config
     extras = ", q/k/v biases, shifted logits" if cfg.family == "dream" else ""
     layout = "LLaDA" if cfg.family == "llada" else "Dream"
@@ -85,10 +100,7 @@ A {layout}-layout masked-diffusion LM trained on CPU on the synthetic `tinyreaso
 | layout | {cfg.family} (d_model {cfg.d_model}, {cfg.n_layers} blocks, {cfg.n_heads} heads, {cfg.n_kv_heads} KV heads, \
 MLP {cfg.intermediate_size}, vocab {cfg.vocab_size}{extras}) |
 | parameters | {info['parameters']:,} |
-| training | {tc['steps']} steps x batch {tc['batch_size']}, AdamW lr {tc['lr']} cosine, seed {tc['seed']}, \
-{tc['threads']} thread(s) |
-| wall time | {info['wall_time_s'] / 60:.1f} min (two models trained side by side on 2 cores) |
-| command | `{train_command(tc, f"fair_calib/assets/{folder.name}")}` |
+{phase_rows}
 
 ## Full-precision accuracy on the tinyreason test split
 
