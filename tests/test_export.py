@@ -211,6 +211,41 @@ def test_every_runtime_module_matches_its_fake_quant_module(exported, family: st
     assert expected <= kinds
 
 
+def _interpreted_vs_reference(family: str, qcfg: dict[str, Any], tmp_path: Path, monkeypatch,
+                              tokens: int) -> tuple[float, float]:
+    """Reloaded model run through the Triton kernels (interpreter, the CUDA code path) and through the PyTorch
+    references: (max |triton - reference|, max |reference - fake quant|) over the logits."""
+    from fair_calib.data.calibration import CalibrationSet
+
+    ids = torch.randint(3, 128, (1, tokens), generator=torch.Generator().manual_seed(0))
+    calib = CalibrationSet(ids, torch.ones_like(ids), torch.arange(tokens)[None].clone(), ["p"])
+    fake = make_tiny(family)
+    build("quantizer", qcfg).quantize(fake, calib, None)
+    real = load_dllm(save_quantized(fake, tmp_path / "m"))
+    with torch.no_grad():
+        ref, want = real(ids), fake(ids)
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        tri = real(ids)
+    return (tri - ref).abs().max().item(), (ref - want).abs().max().item()
+
+
+def test_runtime_through_the_triton_kernels_matches_the_references(tmp_path: Path, monkeypatch) -> None:
+    pytest.importorskip("triton")
+    tri, fake = _interpreted_vs_reference("dream", _cfg("rtn", kv_bits=4), tmp_path, monkeypatch, tokens=6)
+    assert tri <= 1e-6 and fake <= 1e-5, (tri, fake)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("family", "qcfg"), [
+    ("llada", _cfg("quarot", weight_method="rtn", kv_bits=4)), ("dream", _cfg("flatquant", epochs=1, kv_bits=4)),
+    ("llada", _cfg("rtn", a_bits=16, w_granularity="group", group_size=16, w_symmetric=False))])
+def test_runtime_through_the_triton_kernels_every_op(family: str, qcfg: dict[str, Any], tmp_path: Path,
+                                                    monkeypatch) -> None:
+    pytest.importorskip("triton")
+    tri, fake = _interpreted_vs_reference(family, qcfg, tmp_path, monkeypatch, tokens=12)
+    assert tri <= 1e-6 and fake <= 1e-5, (tri, fake)
+
+
 def _logit_report(fake, real, ev) -> dict[str, float]:
     with torch.no_grad():
         a, b = fake(ev.input_ids, ev.attention_mask), real(ev.input_ids, ev.attention_mask)
@@ -278,7 +313,8 @@ def test_weight_only_export_loads_with_compressed_tensors(exported) -> None:
 
     from fair_calib.models.dllm import build_model
 
-    fake, _, ev, folder = exported("dream", _cfg("awq", group_size=64))  # W4A16 asymmetric g64
+    fake, _, ev, folder = exported("dream", _cfg("rtn", a_bits=16, w_granularity="group", group_size=64,
+                                                 w_symmetric=False))  # W4A16 asymmetric g64, as AWQ
     raw = json.loads((folder / "config.json").read_text())
     assert raw["quantization_config"]["quant_method"] == "compressed-tensors", ct.__version__
     qc = QuantizationConfig.model_validate(raw["quantization_config"])

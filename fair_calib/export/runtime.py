@@ -45,7 +45,8 @@ def packed_width(n: int, bits: int) -> int:
 
 
 class Fp32State(nn.Module):
-    """Online state (transform factors, clipping ratios) is used in fp32 whatever dtype the checkpoint loads in."""
+    """Floating buffers (transform factors, clipping ratios, weight scales) are held in fp32 whatever dtype the
+    checkpoint loads in: the kernels compute scales and transforms in fp32."""
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
         for name in self._buffers:
