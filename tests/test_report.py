@@ -108,6 +108,20 @@ def test_ablation_and_probe_budget_tables(tmp_path):
     assert (tmp_path / "out" / "ablation.png").is_file() and (tmp_path / "out" / "probe_budget.png").is_file()
 
 
+def test_ablation_rows_follow_the_paper_order_and_diagnostics_split_by_setting(tmp_path):
+    root = tmp_path / "abl"
+    for i, (w, s) in enumerate([("fair", "late"), ("uniform", "early"), ("fair", "early"), ("frontier", "early")]):
+        write_run(root, str(i), "m", "FAIR-Calib W4A4", "fair_calib", _metrics(0.5, 0.5, 0.5), weighting=w,
+                  schedule=s, diag={"flip_rate": i / 10})
+    report, _ = build_report(collect_runs([root]), tmp_path / "out")
+    sections = dict(report.sections)
+    (abl,) = sections["Weighting ablation (FAIR-Calib)"]
+    assert [label for label, _ in abl.rows] == ["uniform / early", "frontier / early", "fair / early", "fair / late"]
+    (diag,) = sections["Frontier diagnostics"]
+    assert dict(diag.rows)["FAIR-Calib W4A4 (fair / late)"] == [0.0]
+    assert len(diag.rows) == 4
+
+
 def test_cli_prints_tables_and_fails_cleanly(sweep, tmp_path, capsys):
     assert report_main([str(sweep), "--out", str(tmp_path / "o")]) == 0
     out = capsys.readouterr().out

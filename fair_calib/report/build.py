@@ -66,6 +66,16 @@ def _varies(records: Sequence[RunRecord], attr: str) -> bool:
     return len({getattr(r, attr) for r in records if r.ok and r.method_name == "fair_calib"}) > 1
 
 
+WEIGHTING_ORDER = ("uniform", "frontier", "reliability", "fair")
+SCHEDULE_ORDER = ("early", "flat", "late")
+
+
+def _ablation_order(r: RunRecord) -> tuple[int, int]:
+    w = WEIGHTING_ORDER.index(r.weighting) if r.weighting in WEIGHTING_ORDER else len(WEIGHTING_ORDER)
+    s = SCHEDULE_ORDER.index(r.schedule) if r.schedule in SCHEDULE_ORDER else len(SCHEDULE_ORDER)
+    return w, s
+
+
 def build_report(records: Sequence[RunRecord], out_dir: str | Path) -> tuple[Report, dict[str, Path]]:
     """Tables and figures of the records, written to out_dir as report.md / report.tex / report.html."""
     out = Path(out_dir)
@@ -75,7 +85,7 @@ def build_report(records: Sequence[RunRecord], out_dir: str | Path) -> tuple[Rep
     report = Report(failed=[r for r in records if not r.ok], n_runs=len(records))
     report.sections.append(("Accuracy", method_tables(ok)))
     if _varies(ok, "weighting") or _varies(ok, "schedule"):
-        fair = [r for r in ok if r.method_name == "fair_calib"]
+        fair = sorted((r for r in ok if r.method_name == "fair_calib"), key=_ablation_order)
         tables = knob_tables(fair, lambda r: f"{r.weighting} / {r.schedule}", "weighting ablation",
                              "weighting / schedule")
         report.sections.append(("Weighting ablation (FAIR-Calib)", tables))

@@ -169,12 +169,17 @@ def diagnostics_tables(records: Sequence[RunRecord]) -> list[Table]:
         cols = [(k, n) for k, n in DIAG_COLUMNS if any(r.diag(k) is not None for r in runs)]
         table = Table(f"{model}: frontier diagnostics against the FP teacher", ["method"] + [n for _, n in cols],
                       digits=None, best=False)
-        seen: set[str] = set()
+        settings: dict[str, set] = {}
         for r in runs:
-            if r.method in seen:
+            settings.setdefault(r.method, set()).add((r.weighting, r.schedule))
+        seen: set[str] = set()
+        for r in runs:  # one row per method, or per weighting / schedule where an ablation varies them
+            varied = len(settings[r.method]) > 1 and r.schedule
+            label = f"{r.method} ({r.weighting} / {r.schedule})" if varied else r.method
+            if label in seen:
                 continue
-            seen.add(r.method)
-            table.rows.append((r.method, [r.diag(k) for k, _ in cols]))
+            seen.add(label)
+            table.rows.append((label, [r.diag(k) for k, _ in cols]))
         tables.append(table)
     return tables
 
