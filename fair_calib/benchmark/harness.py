@@ -27,7 +27,7 @@ import torch
 
 from fair_calib.benchmark.families import model_family, resolve_cfg_scale
 from fair_calib.benchmark.lm import DiffusionEvalLM, fit_sampler
-from fair_calib.benchmark.tiny import quiet_lm_eval
+from fair_calib.benchmark.tiny import metric_values, quiet_lm_eval
 from fair_calib.decoding.base import Sampler
 from fair_calib.models.dllm import DiffusionLM
 from fair_calib.registry import ConfigError, register
@@ -270,18 +270,6 @@ def load_error(task: str, err: BaseException) -> ConfigError:
             "~/.cache/huggingface/modules to HF_HOME/modules here")
     return DatasetUnavailableError(f"task {task} could not be loaded offline ({type(err).__name__}: {first}); "
                                    "see the README section on datasets for offline use")
-
-
-def metric_values(task_results: Mapping[str, Any]) -> dict[str, float]:
-    """{'acc,none': v, 'exact_match,strict-match': w, '*_stderr,*': s} -> {'acc': v, 'exact_match,strict-match': w}."""
-    out = {}
-    for key, value in task_results.items():
-        if "," not in key or not isinstance(value, int | float) or isinstance(value, bool):
-            continue
-        metric, filt = key.split(",", 1)
-        if not metric.endswith("_stderr"):
-            out[metric if filt == "none" else key] = float(value)
-    return out
 
 
 def sample_record(sample: Mapping[str, Any]) -> dict[str, Any]:

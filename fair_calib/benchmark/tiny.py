@@ -59,14 +59,14 @@ def quiet_lm_eval(level: int = logging.WARNING) -> Iterator[None]:
 
 
 def metric_values(task_results: Mapping[str, Any]) -> dict[str, float]:
-    """lm-eval's {'acc,none': v, 'acc_stderr,none': s, 'alias': ...} -> {'acc': v} (numbers only, no stderr)."""
+    """{'acc,none': v, 'exact_match,strict-match': w, '*_stderr,*': s} -> {'acc': v, 'exact_match,strict-match': w}."""
     out = {}
     for key, value in task_results.items():
         if "," not in key or not isinstance(value, int | float) or isinstance(value, bool):
             continue
-        metric, _filter = key.split(",", 1)
+        metric, filt = key.split(",", 1)
         if not metric.endswith("_stderr"):
-            out[metric] = float(value)
+            out[metric if filt == "none" else key] = float(value)
     return out
 
 
