@@ -15,7 +15,7 @@ from __future__ import annotations
 import csv
 import logging
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -116,6 +116,22 @@ def _states(trace: CommitTrace) -> Tensor:
     return torch.cat([trace.prompt[None].expand(answer.shape[0], -1, -1), answer], dim=2)
 
 
+def _state_logits(fp_model: DiffusionLM, q_model: DiffusionLM, sampler: Sampler, trace: CommitTrace,
+                  need_fp: bool, desc: str) -> Iterator[tuple[int, Tensor, Tensor | None, Tensor]]:
+    """For every state S_t of a rollout: (t, quantized policy logits, FP policy logits or None, masked-before
+    mask), all on the quantized model's device."""
+    p, dev = trace.prompt.shape[1], q_model.device
+    attn = _answer_attention(trace).to(dev)
+    states = _states(trace)
+    masked_before = trace.masked_before()
+    for t in tqdm(range(trace.num_steps), desc=desc, leave=False):
+        x = states[t].to(dev)
+        lq = policy_logits(sampler, q_model, x, attn, p)
+        lf = policy_logits(sampler, fp_model, x.to(fp_model.device), attn.to(fp_model.device), p).to(dev) \
+            if need_fp else None
+        yield t, lq, lf, masked_before[t].to(dev)
+
+
 @torch.no_grad()
 def teacher_forced_pass(fp_model: DiffusionLM, q_model: DiffusionLM, sampler: Sampler, traces: list[CommitTrace],
                         metrics: set[str]) -> dict[str, StepCurve]:
@@ -123,17 +139,8 @@ def teacher_forced_pass(fp_model: DiffusionLM, q_model: DiffusionLM, sampler: Sa
     curves = {m: StepCurve() for m in ("flip_rate", "selection_disagreement", "prob_mse_teacher", "frontier_kl")}
     need_fp = bool(metrics & {"prob_mse", "frontier_kl"})
     for trace in traces:
-        p, dev = trace.prompt.shape[1], q_model.device
-        attn = _answer_attention(trace).to(dev)
-        states = _states(trace)
-        masked_before = trace.masked_before()
-        for t in tqdm(range(trace.num_steps), desc="teacher states", leave=False):
-            x = states[t].to(dev)
-            lq = policy_logits(sampler, q_model, x, attn, p)
-            lf = policy_logits(sampler, fp_model, x.to(fp_model.device), attn.to(fp_model.device), p).to(dev) \
-                if need_fp else None
-            committed, tokens = trace.committed[t].to(dev), trace.tokens.to(dev)
-            masked = masked_before[t].to(dev)
+        for t, lq, lf, masked in _state_logits(fp_model, q_model, sampler, trace, need_fp, "teacher states"):
+            committed, tokens = trace.committed[t].to(lq.device), trace.tokens.to(lq.device)
             n_commit = int(committed.sum())
             if "flip_rate" in metrics:
                 curves["flip_rate"].add(t, int(frontier_flips(committed, tokens, lq).sum()), n_commit)
@@ -189,15 +196,7 @@ def own_state_prob_mse(fp_model: DiffusionLM, q_model: DiffusionLM, sampler: Sam
     """Probability MSE on masked positions along the quantized model's own states S^q_t."""
     curve = StepCurve()
     for trace in traces:
-        p, dev = trace.prompt.shape[1], q_model.device
-        attn = _answer_attention(trace).to(dev)
-        states = _states(trace)
-        masked_before = trace.masked_before()
-        for t in tqdm(range(trace.num_steps), desc="own states", leave=False):
-            x = states[t].to(dev)
-            lq = policy_logits(sampler, q_model, x, attn, p)
-            lf = policy_logits(sampler, fp_model, x.to(fp_model.device), attn.to(fp_model.device), p).to(dev)
-            masked = masked_before[t].to(dev)
+        for t, lq, lf, masked in _state_logits(fp_model, q_model, sampler, trace, True, "own states"):
             curve.add(t, float(prob_mse(lf, lq, masked).sum()), int(masked.sum()))
     return curve
 
