@@ -49,6 +49,20 @@ def test_word_problem_steps_are_correct_and_fixed_width():
         assert [m.start() for m in re.finditer(r"\d\d", ex.prompt)] == [8] + [26 + 13 * i for i in range(n_steps)]
 
 
+def test_word_problems_copy_at_fixed_distances():
+    # a fixed step count makes prompt and answer lengths constant, so every answer digit copies from
+    # the same relative offset in every problem (what the shipped models' attention has to learn)
+    exs = examples("word_problems", "test", 200)
+    assert {len(ex.prompt) for ex in exs} == {58} and {len(ex.answer) for ex in exs} == {25}
+    for ex in exs:
+        text = ex.prompt + ex.answer
+        assert text[58:60] == text[8:10]        # step 1 restates the starting value
+        assert text[61:63] == text[26:28]       # ... and the first operand
+        assert text[67:69] == text[64:66]       # step 2 starts from step 1's result
+        assert text[70:72] == text[39:41]       # ... with the second operand
+        assert text[81:83] == text[73:75]       # the #### line copies step 2's result
+
+
 def test_compare_label_points_at_the_right_choice():
     for ex in examples("compare", "test", 200):
         a, b = (int(c) for c in ex.choices)

@@ -25,7 +25,7 @@ from fair_calib.models.dllm import DiffusionLM
 from fair_calib.registry import ConfigError, register
 
 DEFAULT_N = {"addition": 200, "word_problems": 100, "compare": 200}
-DEFAULT_GEN_LENGTH = {"addition": 8, "word_problems": 40}
+DEFAULT_GEN_LENGTH = {"addition": 8, "word_problems": 32}
 GENERATION_TASKS = tuple(DEFAULT_GEN_LENGTH)
 
 

@@ -2,7 +2,8 @@
 
 Three tasks, each a deterministic function of (split, index, seed):
   addition      "47+08="                       -> "055"                    (exact match)
-  word_problems "Ann has 12 pens. Ann buys 04. ..." -> "12+04=16\\n...\\n#### 13" (exact match on ####)
+  word_problems "Ann has 12 pens. Ann buys 04. Ann uses 03. How many pens?\\n"
+                -> "12+04=16\\n16-03=13\\n#### 13"          (exact match on ####)
   compare       "Which is larger: 47 or 52?\\nAnswer:" -> " 52" among [" 47", " 52"] (likelihood)
 
 Numbers are zero-padded to a fixed width (the addition sum to width + 1), and the word problems'
@@ -10,6 +11,9 @@ names, items and verbs all have the same length: digit j of every number then si
 offset, which a few-million-parameter bidirectional model learns on two CPU cores. With ragged
 widths, or three digits, addition plateaued for the first 700 steps (about 12 minutes) of
 training, and word problems with ragged numbers and words stayed at 6% exact match after 2400.
+Word problems have a fixed number of steps (two) for the same reason: with two or three steps the
+distance from an answer digit to the prompt digit it copies depended on the step count, and the
+shipped models never learned the copy (single-digit probes at chance after 3600 steps).
 
 Splits are disjoint by construction: an example belongs to the split chosen by a hash of its
 prompt, and a generator for one split rejects prompts hashed to another.
@@ -55,7 +59,7 @@ class Difficulty:
 
     add_max_digits: int = 2
     wp_min_steps: int = 2
-    wp_max_steps: int = 3
+    wp_max_steps: int = 2
     wp_max_start: int = 20
     wp_max_operand: int = 9
     cmp_max_value: int = 99
