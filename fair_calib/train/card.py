@@ -86,6 +86,7 @@ def write_card(folder: str | Path, seed: int = 0, threads: int | None = None) ->
     if len(phases) > 1:
         total = sum(ph["wall_time_s"] for ph in phases) / 60
         phase_rows.append(f"| total | {sum(ph['train_config']['steps'] for ph in phases)} steps, {total:.1f} min |")
+        phase_rows.append(f"| all phases + this card | `experiments/train_tiny_models.sh {model.config.family}` |")
     phase_rows = "\n".join(phase_rows)
     cfg = model.config
     extras = ", q/k/v biases, shifted logits" if cfg.family == "dream" else ""
