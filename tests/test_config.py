@@ -46,6 +46,7 @@ def test_default_config() -> None:
     assert cfg.method.label == "FAIR-Calib" and list(cfg.baselines) == ["rtn"]
     assert cfg.decoding.name == "llada" and cfg.model.path == "tiny-llada"
     assert (cfg.quantizer.w_bits, cfg.quantizer.a_bits) == (4, 4)
+    assert cfg.quantizer.epochs == 15 and cfg.diagnostics.n_prompts == 16  # sized for < 5 min on 2 cores
     bare = compose_cfg("experiment=none")
     assert (bare.quantizer.name, bare.method.name, list(bare.baselines)) == ("rtn", "custom", [])
     OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
@@ -55,6 +56,7 @@ def test_method_presets_and_bit_presets() -> None:
     cfg = compose_cfg("method=gptq")
     assert (cfg.quantizer.name, cfg.prior.name, cfg.weighting.name, cfg.method.label) == ("gptq", "none", "uniform",
                                                                                           "GPTQ")
+    assert build("quantizer", cfg.quantizer).label == "W4A4"  # the default experiment adds no foreign keys
     cfg = compose_cfg("experiment=none", "method=awq", "bits=w4a16_g64")
     q = build("quantizer", cfg.quantizer)
     assert q.label == "W4A16-g64"
