@@ -124,6 +124,7 @@ def train(tc: TrainConfig) -> dict:
     rnd = random.Random(tc.seed)
     gen = torch.Generator().manual_seed(tc.seed)
     tok = build_char_tokenizer(tc.vocab_size)
+    phases = previous_phases(tc.init)  # before the first checkpoint of this run overwrites an --init == --out record
     if tc.init:
         from fair_calib.models.loading import load_dllm
 
@@ -164,19 +165,26 @@ def train(tc: TrainConfig) -> dict:
             bar.set_postfix(loss=f"{loss.item():.3f}", **{k[:4]: f"{v:.2f}" for k, v in acc.items()})
             print(json.dumps(history[-1]), flush=True)
         if tc.save_every and step and step % tc.save_every == 0:
-            _save(model, tc, history, time.time() - start, step)
+            _save(model, tc, history, time.time() - start, step, phases)
     model.eval()
-    return _save(model, tc, history, time.time() - start, tc.steps)
+    return _save(model, tc, history, time.time() - start, tc.steps, phases)
 
 
-def _save(model: DiffusionLM, tc: TrainConfig, history: list[dict], wall: float, steps_done: int) -> dict:
+def previous_phases(init: str) -> list[dict]:
+    """The training record of the checkpoint a run continues from: its earlier phases, then itself."""
+    prev = Path(init) / "training.json" if init else None
+    if prev is None or not prev.is_file():
+        return []
+    before = json.loads(prev.read_text())
+    return before.get("previous_phases", []) + [{k: v for k, v in before.items() if k != "previous_phases"}]
+
+
+def _save(model: DiffusionLM, tc: TrainConfig, history: list[dict], wall: float, steps_done: int,
+          phases: list[dict]) -> dict:
     info = {"train_config": asdict(tc), "steps_done": steps_done, "wall_time_s": round(wall, 1),
             "parameters": model.num_parameters(), "history": history}
-    prev = Path(tc.init) / "training.json" if tc.init else None
-    if prev is not None and prev.is_file():  # a continued run keeps the record of the phases before it
-        before = json.loads(prev.read_text())
-        info["previous_phases"] = before.get("previous_phases", []) + [
-            {k: v for k, v in before.items() if k != "previous_phases"}]
+    if phases:  # a continued run keeps the record of the phases before it (read once, before any save)
+        info["previous_phases"] = phases
     save_dllm(model, tc.out, extra_files={"training.json": json.dumps(info, indent=2) + "\n"})
     return info
 
