@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import random
 import sys
+import tempfile
 from pathlib import Path
+
+# tests build datasets from local mirrors under names like `openai/gsm8k`: keep them out of the user's HF
+# datasets cache (a stale cached copy would shadow the next run's files); set before `datasets` is imported
+os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="fair_calib_test_hf_datasets_")
 
 import pytest
 import torch
