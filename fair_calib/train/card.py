@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import fields
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -17,15 +18,12 @@ from omegaconf import OmegaConf
 from fair_calib import CONF_DIR
 from fair_calib.models.loading import load_dllm
 from fair_calib.registry import build
+from fair_calib.train.tiny import TrainConfig, previous_phases
 from fair_calib.utils.io import write_text_atomic
 
 
 def train_command(tc: dict, out: str) -> str:
     """The command that reproduces a training run: every setting that differs from TrainConfig's defaults."""
-    from dataclasses import fields
-
-    from fair_calib.train.tiny import TrainConfig
-
     defaults = TrainConfig()
     if tc["family"] == "dream":  # the trainer's own default for Dream
         defaults.n_kv_heads = defaults.n_heads // 3
@@ -71,7 +69,7 @@ def write_card(folder: str | Path, seed: int = 0, threads: int | None = None) ->
     metrics = bench.evaluate(model, sampler, seed=seed)
     eval_s = time.time() - t0
     rows = "\n".join(f"| {task} | {name} | {100 * v:.1f} |" for task, m in metrics.items() for name, v in m.items())
-    phases = [*info.get("previous_phases", []), info]
+    phases = previous_phases(str(folder))  # the trainer's own reading of the record: earlier phases, then this one
     out = f"fair_calib/assets/{folder.name}"
     phase_rows = []
     for i, ph in enumerate(phases, 1):

@@ -172,10 +172,9 @@ def train(tc: TrainConfig) -> dict:
 
 def previous_phases(init: str) -> list[dict]:
     """The training record of the checkpoint a run continues from: its earlier phases, then itself."""
-    prev = Path(init) / "training.json" if init else None
-    if prev is None or not prev.is_file():
+    if not init or not (Path(init) / "training.json").is_file():
         return []
-    before = json.loads(prev.read_text())
+    before = json.loads((Path(init) / "training.json").read_text())
     return before.get("previous_phases", []) + [{k: v for k, v in before.items() if k != "previous_phases"}]
 
 
