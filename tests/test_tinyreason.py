@@ -30,37 +30,45 @@ def test_word_problem_steps_are_correct_and_fixed_width():
     assert len({len(w) for w in NAMES}) == len({len(w) for w in ITEMS}) == 1
     assert len({len(w) for w in ADD_VERBS + SUB_VERBS}) == 1
     d = Difficulty()
-    for ex in examples("word_problems", "test", 200):
+    verbs = "|".join(ADD_VERBS + SUB_VERBS)
+    for ex in examples("word_problems", "test", 300):
         lines = ex.answer.split("\n")
         n_steps = len(lines) - 1
         assert d.wp_min_steps <= n_steps <= d.wp_max_steps
-        value = int(re.search(r"has (\d\d) ", ex.prompt)[1])
-        operands = [int(x) for x in re.findall(r" (?:" + "|".join(ADD_VERBS + SUB_VERBS) + r") (\d\d)\.", ex.prompt)]
-        assert len(operands) == n_steps
-        for line, n in zip(lines[:-1], operands):
-            m = re.fullmatch(r"(\d\d)([+-])(\d\d)=(\d\d)", line)
+        value = int(re.search(r"has (\d) ", ex.prompt)[1])
+        found = re.findall(r" (" + verbs + r") (\d)\.", ex.prompt)
+        assert len(found) == n_steps
+        for line, (verb, n) in zip(lines[:-1], found):
+            m = re.fullmatch(r"(\d)([+-])(\d)=(\d)", line)
             assert m, line
-            assert int(m[1]) == value and int(m[3]) == n
-            value = value + n if m[2] == "+" else value - n
-            assert int(m[4]) == value >= 0
-        assert lines[-1] == f"#### {value:02d}" and ex.target == f"{value:02d}"
+            assert int(m[1]) == value and m[3] == n and (m[2] == "+") == (verb in ADD_VERBS)
+            value = value + int(n) if m[2] == "+" else value - int(n)
+            assert int(m[4]) == value and 0 <= value <= d.wp_max_value  # every value stays one digit
+        assert lines[-1] == f"#### {value}" and ex.target == f"{value}"
         assert extract_answer(ex.answer) == ex.target
         # every number of the prompt sits at the same offset in all problems of this many steps
-        assert [m.start() for m in re.finditer(r"\d\d", ex.prompt)] == [8] + [26 + 13 * i for i in range(n_steps)]
+        assert [m.start() for m in re.finditer(r"\d", ex.prompt)] == [8] + [25 + 12 * i for i in range(n_steps)]
+
+
+def test_word_problems_cover_every_answer_and_both_operations():
+    exs = examples("word_problems", "test", 500)
+    assert {ex.target for ex in exs} == {str(v) for v in range(10)}
+    ops = [line[1] for ex in exs for line in ex.answer.split("\n")[:-1]]
+    assert 0.35 < ops.count("+") / len(ops) < 0.65
 
 
 def test_word_problems_copy_at_fixed_distances():
     # a fixed step count makes prompt and answer lengths constant, so every answer digit copies from
     # the same relative offset in every problem (what the shipped models' attention has to learn)
     exs = examples("word_problems", "test", 200)
-    assert {len(ex.prompt) for ex in exs} == {58} and {len(ex.answer) for ex in exs} == {25}
+    assert {len(ex.prompt) for ex in exs} == {55} and {len(ex.answer) for ex in exs} == {18}
     for ex in exs:
         text = ex.prompt + ex.answer
-        assert text[58:60] == text[8:10]        # step 1 restates the starting value
-        assert text[61:63] == text[26:28]       # ... and the first operand
-        assert text[67:69] == text[64:66]       # step 2 starts from step 1's result
-        assert text[70:72] == text[39:41]       # ... with the second operand
-        assert text[81:83] == text[73:75]       # the #### line copies step 2's result
+        assert text[55] == text[8]        # step 1 restates the starting value
+        assert text[57] == text[25]       # ... and the first operand
+        assert text[61] == text[59]       # step 2 starts from step 1's result
+        assert text[63] == text[37]       # ... with the second operand
+        assert text[72] == text[65]       # the #### line copies step 2's result
 
 
 def test_compare_label_points_at_the_right_choice():
@@ -85,6 +93,7 @@ def test_splits_are_disjoint_seeded_and_distinct(task):
 
 
 def test_extract_answer_and_errors():
+    assert extract_answer("2+4=6\n6-3=3\n#### 3") == "3"
     assert extract_answer("12+04=16\n#### 16") == "16"
     assert extract_answer("055") == "055"
     assert extract_answer("no digits") is None

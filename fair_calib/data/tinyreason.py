@@ -2,8 +2,8 @@
 
 Three tasks, each a deterministic function of (split, index, seed):
   addition      "47+08="                       -> "055"                    (exact match)
-  word_problems "Ann has 12 pens. Ann buys 04. Ann uses 03. How many pens?\\n"
-                -> "12+04=16\\n16-03=13\\n#### 13"          (exact match on ####)
+  word_problems "Ann has 3 pens. Ann buys 4. Ann uses 2. How many pens?\\n"
+                -> "3+4=7\\n7-2=5\\n#### 5"                (exact match on ####)
   compare       "Which is larger: 47 or 52?\\nAnswer:" -> " 52" among [" 47", " 52"] (likelihood)
 
 Numbers are zero-padded to a fixed width (the addition sum to width + 1), and the word problems'
@@ -14,6 +14,12 @@ training, and word problems with ragged numbers and words stayed at 6% exact mat
 Word problems have a fixed number of steps (two) for the same reason: with two or three steps the
 distance from an answer digit to the prompt digit it copies depended on the step count, and the
 shipped models never learned the copy (single-digit probes at chance after 3600 steps).
+Word-problem values stay single digits (`wp_max_value`). With values up to 38 the models learned
+the copies and the first step, but the second step's units digit stayed at chance (10-35% with
+every other token given) after 3000 steps: its first operand is the first step's result, which
+the prompt never shows. A drill of bare second steps, or of the same rows with the first step
+given, did not move it in 500 steps either. Single-digit problems reach 55% exact match after 600
+steps of training from scratch.
 
 Splits are disjoint by construction: an example belongs to the split chosen by a hash of its
 prompt, and a generator for one split rejects prompts hashed to another.
@@ -60,8 +66,9 @@ class Difficulty:
     add_max_digits: int = 2
     wp_min_steps: int = 2
     wp_max_steps: int = 2
-    wp_max_start: int = 20
+    wp_max_start: int = 9
     wp_max_operand: int = 9
+    wp_max_value: int = 9  # every value of a problem (start, each step, answer) stays in 0..wp_max_value
     cmp_max_value: int = 99
 
 
@@ -86,21 +93,22 @@ def make_addition(rng: random.Random, d: Difficulty) -> Example:
 
 
 def make_word_problem(rng: random.Random, d: Difficulty) -> Example:
-    w = len(str(d.wp_max_start + d.wp_max_steps * d.wp_max_operand))  # widest value a problem can reach
+    w = len(str(d.wp_max_value))
 
     def num(v: int) -> str:
         return f"{v:0{w}d}"
 
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
-    value = rng.randint(2, d.wp_max_start)
+    value = rng.randint(1, min(d.wp_max_start, d.wp_max_value))
     sentences, steps = [f"{name} has {num(value)} {item}."], []
     for _ in range(rng.randint(d.wp_min_steps, d.wp_max_steps)):
-        n = rng.randint(1, d.wp_max_operand)
-        if rng.random() < 0.5 or value - n < 0:
+        if value == 0 or (value < d.wp_max_value and rng.random() < 0.5):
+            n = rng.randint(1, min(d.wp_max_operand, d.wp_max_value - value))
             sentences.append(f"{name} {rng.choice(ADD_VERBS)} {num(n)}.")
             steps.append(f"{num(value)}+{num(n)}={num(value + n)}")
             value += n
         else:
+            n = rng.randint(1, min(d.wp_max_operand, value))
             sentences.append(f"{name} {rng.choice(SUB_VERBS)} {num(n)}.")
             steps.append(f"{num(value)}-{num(n)}={num(value - n)}")
             value -= n
