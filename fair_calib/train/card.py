@@ -61,7 +61,6 @@ def write_card(folder: str | Path, seed: int = 0, threads: int | None = None) ->
         torch.set_num_threads(threads)
     folder = Path(folder)
     model = load_dllm(folder)
-    info = json.loads((folder / "training.json").read_text())
     decoding = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "decoding" / f"{model.config.family}.yaml"))
     sampler = build("decoding", decoding)
     bench = build("benchmark", {"name": "tiny"})
@@ -98,7 +97,7 @@ A {layout}-layout masked-diffusion LM trained on CPU on the synthetic `tinyreaso
 |---|---|
 | layout | {cfg.family} (d_model {cfg.d_model}, {cfg.n_layers} blocks, {cfg.n_heads} heads, {cfg.n_kv_heads} KV heads, \
 MLP {cfg.intermediate_size}, vocab {cfg.vocab_size}{extras}) |
-| parameters | {info['parameters']:,} |
+| parameters | {model.num_parameters():,} |
 {phase_rows}
 
 ## Full-precision accuracy on the tinyreason test split
