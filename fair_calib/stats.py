@@ -145,9 +145,7 @@ def _estimate(tasks: list[np.ndarray], n_resamples: int, confidence: float, seed
     )
 
 
-def _difference(
-    a: list[np.ndarray], b: list[np.ndarray], n_resamples: int, confidence: float, seed: int
-) -> Difference:
+def _difference(a: list[np.ndarray], b: list[np.ndarray], n_resamples: int, confidence: float, seed: int) -> Difference:
     rng = np.random.default_rng(seed)
     doc_idx = [_draw_docs(rng, n_resamples, x.shape[1]) for x in a]  # shared: the pairing
     seeds_a = _draw_seeds(rng, n_resamples, a[0].shape[0])
