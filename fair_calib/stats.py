@@ -252,3 +252,16 @@ def docs_needed(diff_per_doc: object, target: float, *, power: float = 0.8, alph
     z = _z_sum(power, alpha)
     sd, _ = _diff_sd(diff_per_doc)
     return max(1, math.ceil((z * sd / target) ** 2))
+
+
+def mdd_mean_of_means(diffs_per_task: Sequence[object], *, power: float = 0.8, alpha: float = 0.05) -> float:
+    """MDD of the average over tasks of per-task paired differences (tasks independent, equally weighted):
+    (z_{1-alpha/2} + z_power) * sqrt(sum_t sd_t^2 / n_t) / T."""
+    if len(diffs_per_task) == 0:
+        raise ValueError("diffs_per_task has no tasks: need at least one")
+    z = _z_sum(power, alpha)
+    var = 0.0
+    for d in diffs_per_task:
+        sd, n = _diff_sd(d)
+        var += sd * sd / n
+    return z * math.sqrt(var) / len(diffs_per_task)

@@ -16,6 +16,7 @@ from fair_calib.stats import (
     bootstrap_p_value,
     docs_needed,
     mdd,
+    mdd_mean_of_means,
     paired_bootstrap,
     paired_bootstrap_mean_of_means,
 )
@@ -152,6 +153,9 @@ def test_mdd_and_docs_needed_against_a_hand_calculation():
     assert mdd(diff, power=0.9) > mdd(diff)
     assert docs_needed(diff, 0.05) == math.ceil((z * sd / 0.05) ** 2)  # 1580
     assert mdd(np.tile(diff, 4)) == pytest.approx(mdd(diff) / 2, rel=0.01)
+    # the average of two tasks with this spread: sqrt(2 * sd^2 / 200) / 2 = sd / 20
+    assert mdd_mean_of_means([diff, diff]) == pytest.approx(z * sd / 20, rel=1e-9)
+    assert mdd_mean_of_means([diff]) == pytest.approx(mdd(diff))
 
 
 @pytest.mark.parametrize(
@@ -176,6 +180,7 @@ def test_mdd_and_docs_needed_against_a_hand_calculation():
         (lambda: mdd([0.0, 1.0], power=1.0), "power must be in"),
         (lambda: mdd([0.0, 1.0], alpha=0.0), "alpha must be in"),
         (lambda: docs_needed([0.0, 1.0], 0.0), "target difference must be > 0"),
+        (lambda: mdd_mean_of_means([]), "no tasks"),
     ],
 )
 def test_bad_input_is_a_value_error_with_a_clear_message(call, message):
