@@ -35,29 +35,34 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def average(metrics: dict[str, dict[str, float]]) -> float | None:
-    """Mean over tasks of each task's primary metric (the first one it reports)."""
-    vals = [next(iter(m.values())) for m in metrics.values() if m]
-    return float(np.mean(vals)) if vals else None
+def average(metrics: dict[str, dict[str, float]], headline: dict[str, str]) -> float | None:
+    """Mean over the benchmark's tasks of each task's headline metric (`benchmark.headline()`, named once in
+    the task config); None when a task or its headline metric is missing, so a partial average is never shown."""
+    if not headline:
+        return None
+    vals = [metrics.get(task, {}).get(metric) for task, metric in headline.items()]
+    if any(v is None for v in vals):
+        return None
+    return float(np.mean(vals))
 
 
-def flat_metrics(prefix: str, metrics: dict[str, dict[str, float]]) -> dict[str, float]:
+def flat_metrics(prefix: str, metrics: dict[str, dict[str, float]], headline: dict[str, str]) -> dict[str, float]:
     out = {f"{prefix}/{task}/{name}": v for task, m in metrics.items() for name, v in m.items()}
-    avg = average(metrics)
+    avg = average(metrics, headline)
     if avg is not None:
         out[f"{prefix}/avg"] = avg
     return out
 
 
-def format_table(columns: dict[str, dict[str, dict[str, float]]]) -> str:
-    """Task x method table of each task's primary metric, as aligned text (also valid Markdown)."""
-    tasks = sorted({t for m in columns.values() for t in m})
+def format_table(columns: dict[str, dict[str, dict[str, float]]], headline: dict[str, str]) -> str:
+    """Task x method table of each task's headline metric, as aligned text (also valid Markdown)."""
+    tasks = [t for t in headline if any(t in m for m in columns.values())]
     head = ["task"] + list(columns)
     rows = []
     for t in tasks + ["average"]:
         row = [t]
         for m in columns.values():
-            v = average(m) if t == "average" else (next(iter(m[t].values())) if m.get(t) else None)
+            v = average(m, headline) if t == "average" else m.get(t, {}).get(headline[t])
             row.append("-" if v is None else f"{100 * v:.1f}")
         rows.append(row)
     widths = [max(len(str(r[i])) for r in [head] + rows) for i in range(len(head))]
@@ -286,10 +291,11 @@ class Pipeline:
 
     def _finish(self, metrics, report, diag) -> dict[str, Any]:
         quant_key = self.method_label if self.method_label in metrics else "FP"
+        headline = self.benchmark.headline()
         summary: dict[str, float] = {}
         if "FP" in metrics:
-            summary.update(flat_metrics("fp", metrics["FP"]))
-        summary.update(flat_metrics("quant", metrics[quant_key]))
+            summary.update(flat_metrics("fp", metrics["FP"], headline))
+        summary.update(flat_metrics("quant", metrics[quant_key], headline))
         summary.update({k: v for k, v in diag.items() if isinstance(v, int | float)})
         report = report or {}
         summary.update({f"calib/{k}": v for k, v in report.items()
@@ -314,6 +320,7 @@ class Pipeline:
                     "seed": int(self.cfg.seed), "config_hash": self.config_hash},
             "choices": self.choices,
             "config": self.plain,
+            "headline": headline,
             "metrics": metrics,
             "summary": summary,
             "calibration": report,
@@ -324,7 +331,7 @@ class Pipeline:
         rows = [[task, name, col, v] for col, m in metrics.items() for task, tm in m.items() for name, v in tm.items()]
         self.logger.log_table("benchmark", ["task", "metric", "method", "value"],
                               [[r[0], r[1], r[2], r[3]] for r in rows])
-        table = format_table(metrics)
+        table = format_table(metrics, headline)
         write_text_atomic(self.run_dir / "table.md", table + "\n")
         print(f"\n{self.model_spec.label}  ({', '.join(f'{k}={v}s' for k, v in self.timings.items())})\n{table}\n"
               f"results: {self.run_dir / 'results.json'}")

@@ -30,6 +30,7 @@ from fair_calib.benchmark.tinyreason_tasks import read_rows
 from fair_calib.decoding.dream import DreamSampler
 from fair_calib.decoding.llada import LLaDASampler
 from fair_calib.models.hf_folder import ASSETS
+from fair_calib.pipeline import average
 from fair_calib.registry import ConfigError, build
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -106,7 +107,7 @@ def local_benchmark(folder: Path, tasks: dict, **kw) -> HarnessBenchmark:
 # ---- configs ------------------------------------------------------------------------------------------
 def test_paper_task_configs_carry_the_papers_settings() -> None:
     paper = benchmark_cfg("paper10", "benchmark.confirm_run_unsafe_code=true")
-    assert list(paper["tasks"]) == PAPER10 and paper["average"] == "paper10"
+    assert list(paper["tasks"]) == PAPER10 and "average" not in paper
     bench = build("benchmark", paper)
     t = bench.tasks
     gsm8k = t["gsm8k"]
@@ -230,16 +231,17 @@ def test_local_task_families_end_to_end_on_tiny_llada(local_tasks: Path) -> None
         "local_group": {"mc_num": 4, "metric": "acc"},
         "local_gsm8k": {"gen_length": 40, "steps": 40, "block_length": 8, "metric": "exact_match,strict-match"},
         "local_wikitext": {"mc_num": 2},
-    }, limit=4, average="local")
+    }, limit=4)
     bench.validate_sampler(LLaDASampler())
     metrics = bench.evaluate(tiny("tiny-llada"), LLaDASampler(), seed=0)
-    assert set(metrics) == {"local_group", "local_gsm8k", "local_wikitext", "average"}
+    assert set(metrics) == {"local_group", "local_gsm8k", "local_wikitext"}  # the average is not a task
     assert set(metrics["local_group"]) >= {"acc"} and 0 <= metrics["local_group"]["acc"] <= 1
     assert set(metrics["local_gsm8k"]) == {"exact_match,strict-match"}
     wiki = metrics["local_wikitext"]
     assert {"word_perplexity", "byte_perplexity", "bits_per_byte"} <= set(wiki)
     assert wiki["byte_perplexity"] == pytest.approx(2 ** wiki["bits_per_byte"], rel=1e-6) and wiki["bits_per_byte"] > 0
-    assert metrics["average"]["local"] == pytest.approx(
+    assert bench.headline() == {"local_group": "acc", "local_gsm8k": "exact_match,strict-match"}
+    assert average(metrics, bench.headline()) == pytest.approx(
         (metrics["local_group"]["acc"] + metrics["local_gsm8k"]["exact_match,strict-match"]) / 2)
     assert len(bench.last_samples["local_group"]) == 8  # limit 4 per leaf task, two leaves
     assert {r["task"] for r in bench.last_samples["local_group"]} == {"local_piqa", "local_piqa_b"}

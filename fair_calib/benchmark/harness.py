@@ -17,7 +17,6 @@ import dataclasses
 import functools
 import logging
 import os
-import statistics
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -298,7 +297,7 @@ class HarnessBenchmark:
                  offline: bool = True, data_dir: str | None = None, confirm_run_unsafe_code: bool = False,
                  apply_chat_template: bool = False, fewshot_as_multiturn: bool = False, batch_size: int = 8,
                  mc_batch_size: int = 32, max_length: int = 4096, add_special_tokens: bool = False,
-                 check_greedy: bool = False, bootstrap_iters: int = 0, average: str | None = None,
+                 check_greedy: bool = False, bootstrap_iters: int = 0,
                  diagnostic_task: str | None = None, show_progress: bool = True) -> None:
         if not tasks:
             raise ConfigError("benchmark.tasks is empty: name lm-eval tasks, e.g. "
@@ -327,7 +326,6 @@ class HarnessBenchmark:
         self.add_special_tokens = bool(add_special_tokens)
         self.check_greedy = bool(check_greedy)
         self.bootstrap_iters = int(bootstrap_iters)
-        self.average = average
         if diagnostic_task is not None and diagnostic_task not in self.tasks:
             raise ConfigError(f"benchmark.diagnostic_task {diagnostic_task!r}: not one of {', '.join(self.tasks)}")
         self.diagnostic_task = diagnostic_task or next(
@@ -401,7 +399,7 @@ class HarnessBenchmark:
     # ---- evaluation ------------------------------------------------------------------------------
     def evaluate(self, model: DiffusionLM, sampler: Sampler, seed: int = 0,
                  limit: int | float | None = None) -> dict[str, dict[str, float]]:
-        """Run every task; {task: {metric: value}} (+ {average: {<name>: mean headline}} when `average` is set)."""
+        """Run every task; {task: {metric: value}}. The average is not a task: see `headline()`."""
         from lm_eval import simple_evaluate
 
         family = model_family(model)
@@ -434,23 +432,9 @@ class HarnessBenchmark:
             self.last_samples[key] = [{"task": name, **sample_record(s)}
                                       for name, samples in results.get("samples", {}).items() for s in samples]
             self.last_results[key] = {k: v for k, v in results.items() if k != "samples"}
-        if self.average and metrics:
-            avg = self.headline_average(metrics)
-            if avg is not None:
-                metrics["average"] = {self.average: avg}
         return metrics
 
-    def headline_average(self, metrics: Mapping[str, Mapping[str, float]]) -> float | None:
-        """Mean of the headline metric of every task that names one (the paper's average accuracy);
-        None if one of them is missing from the results."""
-        values = []
-        for key, task in self.tasks.items():
-            got = metrics.get(key, {})
-            if task.metric is None:
-                continue
-            if task.metric not in got:
-                log.warning("average: task %s has no headline metric %r (has %s); no average reported",
-                            key, task.metric, ", ".join(got) or "nothing")
-                return None
-            values.append(got[task.metric])
-        return statistics.fmean(values) if values else None
+    def headline(self) -> dict[str, str]:
+        """{task: headline metric key} for every task whose config names one (`metric:`): the one rule
+        behind `*/avg`, table.md, the report, W&B and the sweep objective."""
+        return {key: task.metric for key, task in self.tasks.items() if task.metric is not None}

@@ -27,6 +27,8 @@ from fair_calib.registry import ConfigError, register
 DEFAULT_N = {"addition": 200, "word_problems": 100, "compare": 200}
 DEFAULT_GEN_LENGTH = {"addition": 8, "word_problems": 32}
 GENERATION_TASKS = tuple(DEFAULT_GEN_LENGTH)
+# headline metric of each task: the first (only) entry of its metric_list in tasks/tinyreason/*.yaml
+HEADLINE = {"addition": "exact_match", "word_problems": "exact_match", "compare": "acc"}
 
 
 class _DropMessage(logging.Filter):
@@ -118,6 +120,10 @@ class TinyBenchmark:
         self.show_progress = bool(show_progress)
         self.last_samples: dict[str, list[dict[str, Any]]] = {}
         self.last_results: dict[str, Any] = {}
+
+    def headline(self) -> dict[str, str]:
+        """{task: headline metric key}: what `*/avg`, table.md and the report average."""
+        return {LM_EVAL_NAME[t]: HEADLINE[t] for t in self.tasks}
 
     # ---- what the pipeline asks before running ------------------------------------------------
     def task_names(self) -> list[str]:

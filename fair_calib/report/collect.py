@@ -26,6 +26,7 @@ class RunRecord:
     n_probe: int | None = None
     experiment: str | None = None
     metrics: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)  # column -> task -> metric
+    headline: dict[str, str] = field(default_factory=dict)  # task -> headline metric key (results.json)
     summary: dict[str, float] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     error: str | None = None
@@ -57,6 +58,7 @@ def _record(path: Path, data: dict[str, Any]) -> RunRecord:
         rec.schedule = prior.get("schedule")
         rec.n_probe = prior.get("n_probe")
     rec.metrics = data.get("metrics") or {}
+    rec.headline = data.get("headline") or {}
     rec.summary = data.get("summary") or {}
     rec.timings = data.get("timings") or {}
     return rec

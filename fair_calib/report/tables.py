@@ -82,8 +82,11 @@ def task_label(task: str) -> str:
     return task.removeprefix("tinyreason_")
 
 
-def primary_metric(metrics: dict[str, float]) -> float | None:
-    """The headline number of one task: exact_match / acc / acc_norm / pass@1 in that order, else the first."""
+def primary_metric(metrics: dict[str, float], headline: str | None = None) -> float | None:
+    """The headline number of one task: the metric its config names (results.json `headline`); for results
+    written before the headline was recorded, exact_match / acc / acc_norm / pass@1 in that order."""
+    if headline is not None:
+        return metrics.get(headline)
     for key in ("exact_match", "acc", "acc_norm", "pass@1", "pass_at_1"):
         if key in metrics:
             return metrics[key]
@@ -125,7 +128,7 @@ def method_tables(records: Sequence[RunRecord]) -> list[Table]:
             for label, by_task in r.metrics.items():
                 if label in columns:
                     continue
-                columns[label] = {t: primary_metric(m) for t, m in by_task.items()}
+                columns[label] = {t: primary_metric(m, r.headline.get(t)) for t, m in by_task.items()}
         table = Table(f"{model}: accuracy (%)", ["method"] + [task_label(t) for t in tasks] + ["Avg"])
         for label in sorted(columns, key=_method_rank):
             table.rows.append((label, _row(columns[label], tasks)))
@@ -149,7 +152,8 @@ def knob_tables(records: Sequence[RunRecord], key: Callable[[RunRecord], str | N
             if label in seen or r.method not in r.metrics:
                 continue
             seen.add(label)
-            table.rows.append((label, _row({t: primary_metric(m) for t, m in r.metrics[r.method].items()}, tasks)))
+            values = {t: primary_metric(m, r.headline.get(t)) for t, m in r.metrics[r.method].items()}
+            table.rows.append((label, _row(values, tasks)))
         tables.append(table)
     return tables
 
