@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import traceback
 import warnings
@@ -13,7 +14,15 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from fair_calib import CONF_DIR
-from fair_calib.registry import ConfigError
+from fair_calib.errors import (
+    ConfigError,
+    FairCalibError,
+    Interrupted,
+    one_line,
+    report,
+    signals_raise,
+    traceback_wanted,
+)
 from fair_calib.utils.io import write_json_atomic, write_text_atomic
 
 
@@ -35,11 +44,15 @@ def _group(cfg: DictConfig, hc) -> str | None:
 
 
 def _record_failure(run_dir: Path, err: BaseException, config_hash: str | None) -> None:
-    """One failed job of a sweep: error.txt (the traceback) and a results.json with status "failed"."""
+    """A failed or interrupted job: error.txt (the traceback) and a results.json whose status says so."""
     text = "".join(traceback.format_exception(err))
     write_text_atomic(run_dir / "error.txt", text)
-    write_json_atomic(run_dir / "results.json", {"status": "failed", "error": f"{type(err).__name__}: {err}",
+    status = "interrupted" if isinstance(err, Interrupted | KeyboardInterrupt) else "failed"
+    write_json_atomic(run_dir / "results.json", {"status": status, "error": f"{type(err).__name__}: {one_line(err)}",
                                                  "run": {"config_hash": config_hash}})
+
+
+_FAILURE: list[BaseException] = []  # a single run's exception, raised again after Hydra has returned
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
@@ -54,25 +67,59 @@ def _app(cfg: DictConfig) -> float | None:
     try:
         pipeline = Pipeline(cfg, run_dir, choices=dict(hc.runtime.choices), group=_group(cfg, hc))
         results = pipeline.run()
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        if multirun:
-            _record_failure(run_dir, err, None)
-            return None
-        sys.exit(2)
-    except Exception as err:  # noqa: BLE001 - one failed job must not stop the other jobs of a sweep
-        if not multirun:
-            raise
-        print(f"error: job {hc.job.num} failed ({type(err).__name__}: {err}); see {run_dir / 'error.txt'}",
-              file=sys.stderr)
+    except (Interrupted, KeyboardInterrupt) as err:  # the folder is marked; the sweep stops
         _record_failure(run_dir, err, pipeline.config_hash if pipeline else None)
+        raise
+    except ConfigError as err:  # bad input: nothing was computed, nothing is left in a single run
+        if not multirun:
+            _FAILURE.append(err)
+            return None
+        print(f"error: job {hc.job.num}: {one_line(err)}", file=sys.stderr)
+        _record_failure(run_dir, err, None)
+        return None
+    except Exception as err:  # noqa: BLE001 - one failed job must not stop the other jobs of a sweep
+        _record_failure(run_dir, err, pipeline.config_hash if pipeline else None)
+        if not multirun:
+            _FAILURE.append(err)
+            return None
+        print(f"error: job {hc.job.num} failed ({type(err).__name__}: {one_line(err)}); "
+              f"see {run_dir / 'error.txt'}", file=sys.stderr)
         return None
     # the sweep objective (Optuna and friends): the quantized model's average
     return results["summary"].get("quant/avg")
 
 
+def run(argv: list[str] | None = None) -> int:
+    """`fair-calib ARGS`: the exit code. Project errors and Hydra's own (an unknown config group option, a
+    malformed override) print one line; the traceback only with HYDRA_FULL_ERROR=1 or debug=true."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    if argv is not None:
+        sys.argv = [sys.argv[0], *argv]
+    wanted = traceback_wanted()
+    before = os.environ.get("HYDRA_FULL_ERROR")
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra re-raises instead of printing its own two lines
+    _FAILURE.clear()
+    try:
+        with signals_raise():
+            _app()
+            if _FAILURE:
+                raise _FAILURE.pop()
+    except SystemExit as err:
+        return err.code if isinstance(err.code, int) else (0 if err.code is None else 2)
+    except (FairCalibError, HydraException, OmegaConfBaseException, KeyboardInterrupt) as err:
+        return report(err, full=wanted)
+    finally:
+        if before is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = before
+    return 0
+
+
 def main() -> None:
-    _app()
+    sys.exit(run())
 
 
 if __name__ == "__main__":

@@ -71,7 +71,7 @@ def format_table(columns: dict[str, dict[str, dict[str, float]]], headline: dict
     return "\n".join([line(head), sep] + [line(r) for r in rows])
 
 
-_VOLATILE = {"force", "threads", "logger", "group", "cache_dir", "progress", "show_progress", "offload_dir"}
+_VOLATILE = {"force", "debug", "threads", "logger", "group", "cache_dir", "progress", "show_progress", "offload_dir"}
 
 
 def run_key(plain: dict[str, Any]) -> str:

@@ -12,6 +12,10 @@ import pkgutil
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from fair_calib.errors import ConfigError
+
+__all__ = ["ConfigError", "UnknownNameError", "build", "names", "register"]
+
 GROUP_PACKAGES = {
     "model": "fair_calib.models",
     "quantizer": "fair_calib.quant",
@@ -22,10 +26,6 @@ GROUP_PACKAGES = {
     "data": "fair_calib.data",
     "logger": "fair_calib.logger",
 }
-
-
-class ConfigError(ValueError):
-    """A user-facing configuration error: one line that says what to change."""
 
 
 class UnknownNameError(ConfigError):

@@ -12,9 +12,10 @@ import torch
 
 from fair_calib.benchmark import lm  # noqa: F401  (registers model "fair_calib")
 from fair_calib.benchmark.tinyreason_tasks import TASKS_DIR
+from fair_calib.errors import guarded
 
 
-def main() -> None:
+def _evaluate() -> None:
     from lm_eval.__main__ import cli_evaluate
 
     args = sys.argv[1:]
@@ -24,6 +25,11 @@ def main() -> None:
     if "--device" not in args and any(a.startswith("--model") for a in args) and not torch.cuda.is_available():
         sys.argv += ["--device", "cpu"]  # lm-eval's CLI defaults to cuda
     cli_evaluate()
+
+
+def main() -> None:
+    """lm-eval's CLI; project errors and bad arguments to it (ValueError, FileNotFoundError) end in one line."""
+    sys.exit(guarded(_evaluate, expected=(ValueError, FileNotFoundError, OSError)))
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from typing import Any
 
 from torch import nn
 
+from fair_calib.errors import ConfigError
 from fair_calib.models.block import LINEAR_ROLES, TAP_POINTS
 from fair_calib.quant.flat_block import FlatActTap, FlatLinear, FrozenKron, LiveOp
 from fair_calib.quant.hadamard import hadamard_factor
@@ -29,7 +30,7 @@ PACKABLE_BITS = (2, 4, 8)  # 32 / bits codes per int32 word, no code straddles t
 MAX_ACT_BITS = 8
 
 
-class ExportError(ValueError):
+class ExportError(ConfigError):
     """A model (or folder) the export cannot represent; the message says which part and why."""
 
 

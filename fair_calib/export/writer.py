@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from fair_calib.errors import ComputationError
 from fair_calib.export.config import build_quantization_config
 from fair_calib.export.grid import GridWeight, recover_grid
 from fair_calib.export.layout import ExportError, describe_blocks
@@ -30,8 +31,10 @@ from fair_calib.quant.flat_block import FlatActTap, FlatLinear, FrozenKron
 from fair_calib.quant.qlinear import ActQuantizer, QLinear
 
 
-class NonFiniteExportError(ExportError):
-    """A tensor to be written holds NaN/inf."""
+class NonFiniteExportError(ExportError, ComputationError):
+    """A tensor to be written holds NaN/inf (a computation failure: exit 1)."""
+
+    exit_code = 1
 
 
 def _check_finite(t: Tensor, key: str, layer: str) -> None:

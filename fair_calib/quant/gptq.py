@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from fair_calib.errors import ComputationError
 from fair_calib.models.block import LINEAR_ROLES
 from fair_calib.models.dllm import DiffusionLM
 from fair_calib.quant.engine import BlockContext, Collector, LayerwiseMethod, check_group_size, write_quantized_weight
@@ -38,7 +39,7 @@ INPUT_SOURCE = {"q": "attn_in", "k": "attn_in", "v": "attn_in", "o": "attn_ctx",
 SEQUENTIAL_GROUPS = (("q", "k", "v"), ("o",), ("gate", "up"), ("down",))
 
 
-class CholeskyError(RuntimeError):
+class CholeskyError(ComputationError):
     """H + damping is not numerically positive definite."""
 
 

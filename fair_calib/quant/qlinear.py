@@ -7,11 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fair_calib.errors import NonFiniteWeightError
 from fair_calib.quant.grids import QuantSpec, fake_quant_lastdim, fake_quant_weight
-
-
-class NonFiniteWeightError(RuntimeError):
-    """A method produced NaN/inf weights; the message names the layer."""
 
 
 class QLinear(nn.Module):
