@@ -24,11 +24,19 @@ def short_hash(text: str, n: int = 8) -> str:
     return hashlib.sha256(str(text).encode()).hexdigest()[:n]
 
 
+def seed_sweep(seeds: object) -> str:
+    """`seeds: N` of a named experiment as the Hydra sweep over `seed`: 'range(0,N)' (seeds 0..N-1)."""
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        raise ValueError(f"seeds={seeds!r}: the number of calibration seeds must be an integer >= 1, e.g. seeds=3")
+    return f"range(0,{seeds})"
+
+
 def _register_resolvers() -> None:
     from omegaconf import OmegaConf
 
     OmegaConf.register_new_resolver("fc_dirname", short_dirname, replace=True)
     OmegaConf.register_new_resolver("fc_hash", short_hash, replace=True)
+    OmegaConf.register_new_resolver("fc_seeds", seed_sweep, replace=True)
 
 
 _register_resolvers()

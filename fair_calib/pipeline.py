@@ -20,7 +20,8 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from fair_calib import CONF_DIR
+from fair_calib import CONF_DIR, stats
+from fair_calib.benchmark.scores import task_scores
 from fair_calib.models.hf_folder import resolve_device
 from fair_calib.quant.base import BitSettings
 from fair_calib.registry import ConfigError, build
@@ -54,6 +55,25 @@ def flat_metrics(prefix: str, metrics: dict[str, dict[str, float]], headline: di
     return out
 
 
+Scores = dict[str, dict[str, list[float]]]  # task -> metric key -> per-document values
+
+
+def interval_metrics(prefix: str, scores: Scores, headline: dict[str, str], confidence: float = 0.95,
+                     n_resamples: int = 2000) -> dict[str, float]:
+    """95% bootstrap CIs over documents of every per-document metric (`<prefix>/<task>/<metric>_ci_low`,
+    `_ci_high`) and of the headline average (`<prefix>/avg_ci_low`, `_ci_high`); seeded, so reproducible."""
+    out: dict[str, float] = {}
+    for task, by_key in scores.items():
+        for key, values in by_key.items():
+            est = stats.bootstrap_ci(values, n_resamples=n_resamples, confidence=confidence)
+            out[f"{prefix}/{task}/{key}_ci_low"], out[f"{prefix}/{task}/{key}_ci_high"] = est.ci_low, est.ci_high
+    per_task = [scores.get(task, {}).get(key) for task, key in headline.items()]
+    if per_task and all(v is not None for v in per_task):
+        est = stats.bootstrap_ci_mean_of_means(per_task, n_resamples=n_resamples, confidence=confidence)
+        out[f"{prefix}/avg_ci_low"], out[f"{prefix}/avg_ci_high"] = est.ci_low, est.ci_high
+    return out
+
+
 def format_table(columns: dict[str, dict[str, dict[str, float]]], headline: dict[str, str]) -> str:
     """Task x method table of each task's headline metric, as aligned text (also valid Markdown)."""
     tasks = [t for t in headline if any(t in m for m in columns.values())]
@@ -71,20 +91,31 @@ def format_table(columns: dict[str, dict[str, dict[str, float]]], headline: dict
     return "\n".join([line(head), sep] + [line(r) for r in rows])
 
 
-_VOLATILE = {"force", "debug", "threads", "logger", "group", "cache_dir", "progress", "show_progress", "offload_dir"}
+_VOLATILE = {"force", "debug", "threads", "logger", "group", "cache_dir", "progress", "show_progress", "offload_dir",
+             "seeds"}
 
 
-def run_key(plain: dict[str, Any]) -> str:
-    """Hash of a resolved config without the keys that do not change results (caches, threads, logging)."""
+def run_key(plain: dict[str, Any], ignore: frozenset[str] = frozenset()) -> str:
+    """Hash of a resolved config without the keys that do not change results (caches, threads, logging),
+    nor the keys named in `ignore` at any depth (the report passes {"seed"} to group the seeds of a row)."""
+    drop = _VOLATILE | ignore
 
     def strip(node: Any) -> Any:
         if isinstance(node, dict):
-            return {k: strip(v) for k, v in node.items() if k not in _VOLATILE}
+            return {k: strip(v) for k, v in node.items() if k not in drop}
         if isinstance(node, list):
             return [strip(v) for v in node]
         return node
 
     return stable_hash(strip(plain))
+
+
+def check_seed(seed: Any) -> int:
+    """The run's calibration seed as a non-negative int, or a ConfigError saying what to pass."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ConfigError(f"seed={seed!r}: the seed must be a non-negative integer, e.g. seed=0 (sweep several "
+                          "with seed=0,1,2, or seeds=3 in a named experiment)")
+    return seed
 
 
 def display_name(name: str) -> str:
@@ -107,6 +138,7 @@ class Pipeline:
         self.choices = {k: v for k, v in (choices or {}).items() if not str(k).startswith("hydra")}
         self.group = group if group is not None else cfg.get("group")
         self.config_hash = run_key(self.plain)
+        self.seed = check_seed(cfg.get("seed"))
         # build (and thereby validate) everything before loading weights
         self.device = resolve_device(str(cfg.device))
         self.model_spec = build("model", cfg.model)
@@ -121,6 +153,7 @@ class Pipeline:
         self.logger = build("logger", cfg.logger)
         self.baselines = {label: (c, build("quantizer", c)) for label, c in self._baseline_configs()}
         self.timings: dict[str, float] = {}
+        self.scores: dict[str, Scores] = {}  # column -> per-document scores (results.json `scores`)
 
     def _baseline_configs(self):
         """`baselines: [rtn, ...]`: extra quantizers evaluated in the same run at the run's bit settings."""
@@ -129,7 +162,9 @@ class Pipeline:
             if not path.is_file():
                 valid = ", ".join(sorted(p.stem for p in path.parent.glob("*.yaml")))
                 raise ConfigError(f"baselines: no quantizer config {name!r}; valid: {valid}")
-            c = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+            scope = OmegaConf.create(self.plain)  # the run's values resolve the file's ${seed}, ${cache_dir}, ...
+            scope["_baseline"] = OmegaConf.load(path)
+            c = OmegaConf.to_container(scope["_baseline"], resolve=True)
             for key in BitSettings.__dataclass_fields__:
                 if key in c and key in self.plain["quantizer"]:
                     c[key] = self.plain["quantizer"][key]
@@ -160,26 +195,37 @@ class Pipeline:
             return "FP"
         return f"{label} {self.quantizer.label}".strip()
 
-    def _evaluate(self, model, tag: str) -> dict[str, dict[str, float]]:
-        metrics = self.benchmark.evaluate(model, self.sampler, seed=int(self.cfg.seed))
-        samples = getattr(self.benchmark, "last_samples", None)
+    def _evaluate(self, model, tag: str) -> tuple[dict[str, dict[str, float]], Scores]:
+        """(metrics, per-document scores) of one model; the per-sample records go to samples/<tag>.json."""
+        metrics = self.benchmark.evaluate(model, self.sampler, seed=self.seed)
+        samples = getattr(self.benchmark, "last_samples", None) or {}
         if samples:
             write_json_atomic(self.run_dir / "samples" / f"{tag}.json", samples)
+        return metrics, task_scores(samples, self.benchmark.score_keys())
+
+    def _evaluate_column(self, label: str, model, tag: str) -> dict[str, dict[str, float]]:
+        metrics, self.scores[label] = self._evaluate(model, tag)
         return metrics
 
-    def _evaluate_cached(self, fp_model, method: dict | None, build_model=None) -> dict[str, dict[str, float]]:
+    def _evaluate_cached(self, label: str, fp_model, method: dict | None,
+                         build_model=None) -> dict[str, dict[str, float]]:
         """FP and calibration-free baselines give the same numbers in every job of a sweep: cache them
-        by (FP weights, method config, benchmark, decoding, seed)."""
+        (metrics and per-document scores) by (FP weights, method config, benchmark, decoding, seed)."""
         key = stable_hash({"weights": state_dict_hash(fp_model), "method": method,
                            "benchmark": self.plain["benchmark"], "decoding": self.plain["decoding"],
-                           "seed": self.plain["seed"]})
+                           "seed": self.plain["seed"], "format": 2})
         path = Path(self.cfg.cache_dir) / "eval" / f"{key}.json"
         if path.is_file() and not self.cfg.get("force", False):
-            log.info("evaluation cache hit (%s): %s", (method or {}).get("name", "fp"), path)
-            return json.loads(path.read_text())["metrics"]
+            try:
+                cached = json.loads(path.read_text())
+                metrics, self.scores[label] = cached["metrics"], cached["scores"]
+                log.info("evaluation cache hit (%s): %s", (method or {}).get("name", "fp"), path)
+                return metrics
+            except (OSError, ValueError, KeyError, TypeError):
+                log.warning("evaluation cache entry %s is unreadable; evaluating again", path)
         tag = (method or {}).get("name", "fp")
-        metrics = self._evaluate(build_model() if build_model else fp_model, tag)
-        write_json_atomic(path, {"metrics": metrics, "method": method})
+        metrics = self._evaluate_column(label, build_model() if build_model else fp_model, tag)
+        write_json_atomic(path, {"metrics": metrics, "scores": self.scores[label], "method": method})
         return metrics
 
     def _quantized_copy(self, fp, quantizer, calib, token_weights):
@@ -208,7 +254,7 @@ class Pipeline:
             print(f"skipped: {self.run_dir / 'results.json'} already holds this config "
                   f"(hash {self.config_hash}); force=true reruns it")
             return done
-        seed_everything(int(cfg.seed))
+        seed_everything(self.seed)
         if cfg.get("threads"):
             torch.set_num_threads(int(cfg.threads))
         name = f"{self.model_spec.label}/{self.method_label}"
@@ -230,7 +276,7 @@ class Pipeline:
         fp = self._timed("load_s", self.model_spec.load, self.device)
         metrics: dict[str, dict[str, dict[str, float]]] = {}
         if cfg.compare_fp:
-            metrics["FP"] = self._timed("eval_fp_s", self._evaluate_cached, fp, None)
+            metrics["FP"] = self._timed("eval_fp_s", self._evaluate_cached, "FP", fp, None)
 
         calib = None
         needs_data = [self.quantizer.requires_calibration, self.prior_probe is not None,
@@ -249,10 +295,10 @@ class Pipeline:
             self.logger.log_image("prior/weights", files["png"])
         for label, (bcfg, bq) in self.baselines.items():
             if bq.requires_calibration:  # calibrated baselines use the plain (uniform) objective
-                metrics[label] = self._timed(f"baseline_{bcfg['name']}_s", self._evaluate,
+                metrics[label] = self._timed(f"baseline_{bcfg['name']}_s", self._evaluate_column, label,
                                              self._quantized_copy(fp, bq, calib, None), "baseline")
             else:
-                metrics[label] = self._timed(f"baseline_{bcfg['name']}_s", self._evaluate_cached, fp, bcfg,
+                metrics[label] = self._timed(f"baseline_{bcfg['name']}_s", self._evaluate_cached, label, fp, bcfg,
                                              lambda bq=bq: self._quantized_copy(fp, bq, None, None))
 
         is_fp = cfg.quantizer.name == "fp"
@@ -274,7 +320,8 @@ class Pipeline:
                                **{k: v for k, v in self.plain["diagnostics"].items() if k != "enabled"})
 
         if not is_fp or not cfg.compare_fp:
-            metrics[self.method_label] = self._timed("eval_quant_s", self._evaluate, qmodel, str(cfg.quantizer.name))
+            metrics[self.method_label] = self._timed("eval_quant_s", self._evaluate_column, self.method_label, qmodel,
+                                                     str(cfg.quantizer.name))
         if cfg.get("save_quantized") and not is_fp:
             from fair_calib.export import save_quantized
 
@@ -295,7 +342,9 @@ class Pipeline:
         summary: dict[str, float] = {}
         if "FP" in metrics:
             summary.update(flat_metrics("fp", metrics["FP"], headline))
+            summary.update(interval_metrics("fp", self.scores.get("FP", {}), headline))
         summary.update(flat_metrics("quant", metrics[quant_key], headline))
+        summary.update(interval_metrics("quant", self.scores.get(quant_key, {}), headline))
         summary.update({k: v for k, v in diag.items() if isinstance(v, int | float)})
         report = report or {}
         summary.update({f"calib/{k}": v for k, v in report.items()
@@ -317,11 +366,12 @@ class Pipeline:
                     "method_name": (self.plain.get("method") or {}).get("name", "custom"),
                     "prior": self.cfg.prior.name, "weighting": self.cfg.weighting.name,
                     "experiment": self.cfg.get("experiment_name"), "group": self.group,
-                    "seed": int(self.cfg.seed), "config_hash": self.config_hash},
+                    "seed": self.seed, "config_hash": self.config_hash, "threads": torch.get_num_threads()},
             "choices": self.choices,
             "config": self.plain,
             "headline": headline,
             "metrics": metrics,
+            "scores": {label: self.scores[label] for label in metrics if label in self.scores},
             "summary": summary,
             "calibration": report,
             "timings": self.timings,

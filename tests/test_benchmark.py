@@ -104,8 +104,13 @@ def test_simple_evaluate_end_to_end():
     assert set(out["results"]) == set(NAMES)
     for name in NAMES:
         metrics = metric_values(out["results"][name])
-        assert metrics and all(0.0 <= v <= 1.0 for v in metrics.values())
+        accuracy = {k: v for k, v in metrics.items() if k != "answer_ll"}
+        assert accuracy and all(0.0 <= v <= 1.0 for v in accuracy.values())
         assert len(out["samples"][name]) == 3
+    # compare also reports the log-likelihood of the correct choice: the mean of the logged per-sample values
+    lls = [s["answer_ll"] for s in out["samples"]["tinyreason_compare"]]
+    assert all(v < 0 for v in lls)
+    assert metric_values(out["results"]["tinyreason_compare"])["answer_ll"] == pytest.approx(sum(lls) / 3)
 
 
 def test_tiny_benchmark_evaluate_and_records():
@@ -114,16 +119,29 @@ def test_tiny_benchmark_evaluate_and_records():
     assert isinstance(bench, TinyBenchmark)
     metrics = bench.evaluate(make_tiny("dream"), DreamSampler(gen_length=64, steps=64), seed=0)
     assert list(metrics) == NAMES
-    assert set(metrics["tinyreason_compare"]) == {"acc"} and set(metrics["tinyreason_addition"]) == {"exact_match"}
-    assert all(0.0 <= v <= 1.0 for m in metrics.values() for v in m.values())
+    assert set(metrics["tinyreason_compare"]) == {"acc", "answer_ll"}
+    assert set(metrics["tinyreason_addition"]) == {"exact_match", "answer_ll"}  # from tinyreason_addition_ll
+    assert all(0.0 <= v <= 1.0 for m in metrics.values() for k, v in m.items() if k != "answer_ll")
     assert [len(bench.last_samples[n]) for n in NAMES] == [4, 2, 3]
     rec = bench.last_samples["tinyreason_compare"][0]
-    assert rec["acc"] == float(rec["pred"] == read_rows("compare")[0]["label"])
-    assert len(rec["loglikelihoods"]) == 2
+    label = read_rows("compare")[0]["label"]
+    assert rec["acc"] == float(rec["pred"] == label)
+    assert len(rec["loglikelihoods"]) == 2 and rec["answer_ll"] == rec["loglikelihoods"][label]
+    for name in NAMES:  # every record carries its answer_ll; their mean is the task's metric
+        lls = [r["answer_ll"] for r in bench.last_samples[name]]
+        assert all(v < 0 for v in lls)
+        assert metrics[name]["answer_ll"] == pytest.approx(sum(lls) / len(lls))
+    assert bench.score_keys()["tinyreason_addition"] == ["exact_match", "answer_ll"]
+    off = TinyBenchmark(n={"addition": 2, "word_problems": 2, "compare": 2}, mc_num=2, show_progress=False,
+                        likelihood=False)
+    plain = off.evaluate(make_tiny("dream"), DreamSampler(gen_length=64, steps=64), seed=0)
+    assert set(plain["tinyreason_compare"]) == {"acc"} and set(plain["tinyreason_addition"]) == {"exact_match"}
+    assert "answer_ll" not in off.last_samples["tinyreason_compare"][0]
+    assert off.score_keys()["tinyreason_compare"] == ["acc"]
 
 
 def test_oracle_scores_one_through_the_whole_stack():
-    bench = TinyBenchmark(tasks=["addition"], n={"addition": 6}, show_progress=False, batch_size=4)
+    bench = TinyBenchmark(tasks=["addition"], n={"addition": 6}, show_progress=False, batch_size=4, likelihood=False)
     metrics = bench.evaluate(AdditionOracle(), LLaDASampler(), seed=0)  # default llada config: 8 steps, block 8
     assert metrics == {"tinyreason_addition": {"exact_match": 1.0}}
     assert [r["response"] for r in bench.last_samples["tinyreason_addition"]] == [

@@ -47,8 +47,20 @@ def test_default_job_writes_results_table_and_wandb(model_dir, tmp_path):
     assert results["choices"]["method"] == "fair_calib" and results["config"]["prior"]["n_probe"] == 8
     for column in results["metrics"].values():
         assert set(column) == {"tinyreason_addition", "tinyreason_word_problems", "tinyreason_compare"}
-        assert all(0.0 <= v <= 1.0 for task in column.values() for v in task.values())
+        assert all(0.0 <= v <= 1.0 for task in column.values() for k, v in task.items() if k != "answer_ll")
     assert "quant/avg" in results["summary"] and "fp/avg" in results["summary"]
+    # per-document scores of every column: their means are the metrics; the summary carries their CIs
+    assert set(results["scores"]) == set(results["metrics"]) and results["run"]["threads"] == 1
+    for label, column in results["scores"].items():
+        for task, by_key in column.items():
+            assert set(by_key) == {results["headline"][task], "answer_ll"}
+            for key, docs in by_key.items():
+                assert sum(docs) / len(docs) == pytest.approx(results["metrics"][label][task][key])
+    s = results["summary"]
+    for prefix in ("fp", "quant"):
+        add = f"{prefix}/tinyreason_addition/exact_match"
+        assert s[f"{add}_ci_low"] <= s[add] <= s[f"{add}_ci_high"]
+        assert s[f"{prefix}/avg_ci_low"] <= s[f"{prefix}/avg"] <= s[f"{prefix}/avg_ci_high"]
     assert (run / "config.yaml").is_file() and (run / "table.md").read_text().startswith("| task")
     assert "| average" in proc.stdout
     assert list((run / "wandb").glob("offline-run-*")), "the W&B run should be written offline in the run folder"
@@ -108,6 +120,9 @@ def test_multirun_runs_each_job_resumes_and_records_failures(model_dir, tmp_path
         ("model.path=/nonexistent/folder", "model folder /nonexistent/folder does not exist"),
         ("decoding.block_length=5", "block_length 5 does not divide"),
         ("quantizer=gptq", "quantizer=gptq conflicts with method=fair_calib (which uses quantizer=flatquant)"),
+        ("seed=-1", "seed=-1: the seed must be a non-negative integer"),
+        ("seed=abc", "seed='abc': the seed must be a non-negative integer"),
+        ("baselines=[nosuch]", "baselines: no quantizer config 'nosuch'; valid: "),
     ],
 )
 def test_bad_input_fails_with_one_line_and_writes_nothing(override, message, tmp_path):
@@ -118,3 +133,34 @@ def test_bad_input_fails_with_one_line_and_writes_nothing(override, message, tmp
     assert not (tmp_path / "run" / "results.json").exists()
     if "nosuch" in override:
         assert "rtn" in lines[0] and "gptq" in lines[0]
+
+
+def test_seed_sweep_gives_one_folder_per_seed_and_the_report_groups_them(model_dir, tmp_path):
+    args = ["-m", "experiment=paper_main_seeds", "model=tiny_llada", f"model.path={model_dir}", "method=fp",
+            "logger=none", "hydra.sweep.dir=sweep", *SMALL_BENCH]
+    proc = run_cli(args, tmp_path, tmp_path / "cache")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    found = sorted((tmp_path / "sweep").glob("*/*/results.json"))
+    assert [p.parent.name.split("~")[0] for p in found] == ["fp-s0", "fp-s1", "fp-s2"]
+    assert [json.loads(p.read_text())["run"]["seed"] for p in found] == [0, 1, 2]
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    rep = subprocess.run([sys.executable, "-m", "fair_calib.report", "sweep", "--out", "rep"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert rep.returncode == 0, rep.stderr[-2000:]
+    row = next(line for line in rep.stdout.splitlines() if line.startswith("| FP "))
+    assert row.split("|")[-2].strip() == "3"  # n = 3 seeds in one row
+    assert "±" in row and "[" in row  # mean ± sd over seeds [bootstrap CI]
+    # a reference that is not in the sweep is one line and exit 2
+    bad = subprocess.run([sys.executable, "-m", "fair_calib.report", "sweep", "--out", "rep2", "--reference",
+                          "*=FlatQuant"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2 and "reference 'FlatQuant'" in bad.stderr and "Traceback" not in bad.stderr
+    assert not (tmp_path / "rep2" / "report.md").exists()
+
+
+def test_seeds_zero_is_one_line(tmp_path):
+    proc = run_cli(["-m", "experiment=paper_main", "seeds=0", "logger=none", "hydra.sweep.dir=sweep"], tmp_path,
+                   tmp_path / "cache")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "seeds=0" in lines[0] and "Traceback" not in proc.stderr
+    assert not (tmp_path / "sweep").exists()

@@ -72,7 +72,11 @@ def test_named_experiments_carry_their_sweep(name: str) -> None:
     assert params["model"] == "tiny_llada,tiny_dream" and len(params) >= 2
     sweep_dir = OmegaConf.to_container(cfg.hydra.sweep, resolve=False)["dir"]
     assert sweep_dir == "multirun/${experiment_name}" and cfg.experiment_name == name  # fixed: reruns resume
+    if name in ("paper_main", "paper_ablation", "probe_budget"):  # seeds: N sweeps seed over range(0,N)
+        assert params["seed"] == "range(0,1)" and cfg.seeds == 1
     for key, values in params.items():  # every swept value composes
+        if key == "seed":
+            continue
         for value in str(values).split(","):
             if "." not in key:
                 OmegaConf.to_container(compose_cfg(f"experiment={name}", f"{key}={value}"), resolve=True)
@@ -136,3 +140,14 @@ def test_shipped_model_specs_build(option: str) -> None:
         pytest.skip(f"fair_calib/assets/{cfg.model.path} is not shipped yet (trained by fair_calib.train.tiny)")
     spec = build("model", cfg.model)
     assert spec.path == ASSETS / cfg.model.path and spec.model_type.lower() == option.split("_")[1]
+
+
+def test_paper_main_seeds_sweeps_three_seeds_and_seeds_must_be_positive() -> None:
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=["experiment=paper_main_seeds"], return_hydra_config=True)
+        assert cfg.hydra.sweeper.params["seed"] == "range(0,3)" and cfg.experiment_name == "paper_main"
+        assert compose("config", overrides=["experiment=paper_main", "seeds=5"],
+                       return_hydra_config=True).hydra.sweeper.params["seed"] == "range(0,5)"
+        bad = compose("config", overrides=["experiment=paper_main", "seeds=0"], return_hydra_config=True)
+        with pytest.raises(Exception, match="seeds=0: the number of calibration seeds must be an integer >= 1"):
+            str(bad.hydra.sweeper.params["seed"])

@@ -59,3 +59,19 @@ def test_finished_results_are_reused_only_for_the_same_config(tmp_path):
     assert p.finished_results() is None
     (tmp_path / "results.json").write_text(json.dumps({"status": "ok", "run": {"config_hash": p.config_hash}}))
     assert Pipeline(compose_cfg("method=rtn", "logger=none", "force=true"), tmp_path).finished_results() is None
+
+
+def test_baseline_configs_resolve_against_the_run(tmp_path):
+    """baselines=[flatquant] reads conf/quantizer/flatquant.yaml, whose `seed: ${seed}` takes the run's seed."""
+    p = Pipeline(compose_cfg("method=rtn", "logger=none", "baselines=[flatquant,gptq]", "seed=7",
+                             "bits=w8a8"), tmp_path)
+    (label, (cfg, _)), (label2, _) = p.baselines.items()
+    assert label == "FlatQuant W8A8" and cfg["seed"] == 7 and label2 == "GPTQ W8A8"
+
+
+def test_run_key_without_seed_groups_the_seeds_of_a_row():
+    a = {"seed": 0, "data": {"seed": 0}, "quantizer": {"name": "flatquant", "seed": 0}, "seeds": 1}
+    b = {"seed": 2, "data": {"seed": 2}, "quantizer": {"name": "flatquant", "seed": 2}, "seeds": 3}
+    assert run_key(a) != run_key(b)
+    assert run_key(a, ignore=frozenset({"seed"})) == run_key(b, ignore=frozenset({"seed"}))
+    assert run_key({**a, "seeds": 3}) == run_key(a)  # the number of seeds of a sweep is not part of one run

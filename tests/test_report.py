@@ -10,6 +10,7 @@ import pytest
 from fair_calib.report.__main__ import main as report_main
 from fair_calib.report.build import build_report
 from fair_calib.report.collect import collect_runs
+from fair_calib.report.tables import number
 
 TASKS = ("tinyreason_addition", "tinyreason_word_problems", "tinyreason_compare")
 
@@ -65,14 +66,15 @@ def test_method_table_layout_average_and_missing_cells(sweep, tmp_path):
     md = files["markdown"].read_text()
     llada = md[md.index("tiny-llada: accuracy"):md.index("tiny-dream: accuracy")]
     lines = [line for line in llada.splitlines() if line.startswith("| ")]
-    assert [c.strip() for c in lines[0].split("|")[1:-1]] == ["method", "addition", "word_problems", "compare", "Avg"]
+    assert [c.strip() for c in lines[0].split("|")[1:-1]] == ["method", "addition", "word_problems", "compare", "Avg",
+                                                             "n"]  # no per-document scores: no CI, no comparison
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in lines[1:]}
     assert list(rows) == ["FP", "RTN W4A4", "FAIR-Calib W4A4"]  # FP first, then the paper's method order
-    assert rows["FP"] == ["95.0", "80.0", "90.0", "88.3"]  # (95 + 80 + 90) / 3; the reference is never bold
-    assert rows["RTN W4A4"] == ["50.0", "20.0", "80.0", "50.0"]  # a lone value in a column is not "best"
-    assert rows["FAIR-Calib W4A4"] == ["**90.0**", "–", "**85.0**", "–"]  # missing task => no average
+    assert rows["FP"] == ["95.0", "80.0", "90.0", "88.3", "1"]  # (95 + 80 + 90) / 3; the reference is never bold
+    assert rows["RTN W4A4"] == ["50.0", "20.0", "80.0", "50.0", "1"]  # a lone value in a column is not "best"
+    assert rows["FAIR-Calib W4A4"] == ["**90.0**", "–", "**85.0**", "–", "1"]  # missing task => no average
     tex = files["latex"].read_text()
-    assert r"FAIR-Calib W4A4 & \textbf{90.0} & -- & \textbf{85.0} & -- \\" in tex
+    assert r"FAIR-Calib W4A4 & \textbf{90.0} & -- & \textbf{85.0} & -- & 1 \\" in tex
     assert r"word\_problems" in tex
     page = files["html"].read_text()
     assert "data:image/png;base64," in page and "<b>90.0</b>" in page
@@ -102,9 +104,9 @@ def test_ablation_and_probe_budget_tables(tmp_path):
     sections = dict(report.sections)
     (abl,) = sections["Weighting ablation (FAIR-Calib)"]
     assert [label for label, _ in abl.rows] == ["uniform / early", "fair / early", "fair / late"]
-    assert abl.rows[1][1] == pytest.approx([70.0, 70.0, 70.0, 70.0])
+    assert [number(v) for v in abl.rows[1][1]] == pytest.approx([70.0, 70.0, 70.0, 70.0, 1])
     (probe,) = sections["Probe budget"]
-    assert dict(probe.rows)["64"][-1] == pytest.approx(100 * (0.5 + 0.5 + 0.6) / 3)
+    assert number(probe.column("Avg")[1]) == pytest.approx(100 * (0.5 + 0.5 + 0.6) / 3)
     assert (tmp_path / "out" / "ablation.png").is_file() and (tmp_path / "out" / "probe_budget.png").is_file()
 
 

@@ -282,6 +282,7 @@ def sample_record(sample: Mapping[str, Any]) -> dict[str, Any]:
         record["pred"] = int(max(range(len(resp)), key=lambda i: resp[i][0]))
     elif resp:
         record["response"] = resp[0]
+    record["filter"] = sample.get("filter", "none")
     for metric in sample.get("metrics", []):
         if metric in sample and isinstance(sample[metric], int | float | str | bool):
             record[metric] = sample[metric]
@@ -438,3 +439,7 @@ class HarnessBenchmark:
         """{task: headline metric key} for every task whose config names one (`metric:`): the one rule
         behind `*/avg`, table.md, the report, W&B and the sweep objective."""
         return {key: task.metric for key, task in self.tasks.items() if task.metric is not None}
+
+    def score_keys(self) -> dict[str, list[str]]:
+        """{task: metric keys kept per document}: each task's headline metric."""
+        return {task: [metric] for task, metric in self.headline().items()}

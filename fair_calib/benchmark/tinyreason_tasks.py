@@ -94,6 +94,19 @@ def process_exact_match(doc: dict[str, Any], results: list[str]) -> dict[str, fl
     return {"exact_match": exact_match(results[0], doc["target"])}
 
 
+def process_answer_ll(doc: dict[str, Any], results: list[tuple[float, bool]]) -> dict[str, float]:
+    """lm-eval `process_results` of the `*_ll` tasks: log p(reference answer | prompt), in nats."""
+    return {"answer_ll": float(results[0][0])}
+
+
+def process_compare(doc: dict[str, Any], results: list[tuple[float, bool]]) -> dict[str, float]:
+    """compare: acc (the correct choice has the highest log-likelihood; ties go to the first choice, as in
+    lm-eval's argmax) and answer_ll, the log-likelihood of the correct choice."""
+    lls = [float(r[0]) for r in results]
+    label = int(doc["label"])
+    return {"acc": float(max(range(len(lls)), key=lls.__getitem__) == label), "answer_ll": lls[label]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="write the tinyreason lm-eval test files")
     parser.add_argument("--n", type=int, default=SHIPPED_N)

@@ -14,6 +14,7 @@ from pathlib import Path
 from fair_calib.errors import guarded
 from fair_calib.report.build import build_report
 from fair_calib.report.collect import collect_runs, records_from_wandb
+from fair_calib.report.tables import parse_references
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,6 +26,9 @@ def _main(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fair_calib.report", description=__doc__.splitlines()[0])
     parser.add_argument("folders", nargs="*", help="run or sweep folders (searched for results.json)")
     parser.add_argument("--out", default=None, help="output folder (default: <first folder>/report)")
+    parser.add_argument("--reference", action="append", default=None, metavar="METHOD=REF",
+                        help="compare rows of METHOD with REF (paired bootstrap); default FAIR-Calib=FlatQuant and "
+                             "*=FP; repeatable, e.g. --reference GPTQ=RTN")
     parser.add_argument("--wandb", default=None, metavar="ENTITY/PROJECT",
                         help="also read the finished runs of a W&B project (needs network and a W&B key)")
     args = parser.parse_args(argv)
@@ -34,7 +38,7 @@ def _main(argv: list[str] | None) -> int:
     if args.wandb:
         records += records_from_wandb(args.wandb)
     out = Path(args.out) if args.out else Path(args.folders[0] if args.folders else ".") / "report"
-    report, files = build_report(records, out)
+    report, files = build_report(records, out, references=parse_references(args.reference))
     print(report.to_markdown())
     print("\n".join(f"{kind}: {path}" for kind, path in files.items()))
     if records and not any(r.status == "ok" for r in records):

@@ -11,7 +11,14 @@ from pathlib import Path
 
 from fair_calib.report.collect import RunRecord
 from fair_calib.report.figures import ablation_figure, diagnostics_figure, probe_budget_figure
-from fair_calib.report.tables import Table, diagnostics_tables, knob_tables, method_tables, timing_table
+from fair_calib.report.tables import (
+    ANSWER_LL,
+    Table,
+    diagnostics_tables,
+    knob_tables,
+    method_tables,
+    timing_table,
+)
 from fair_calib.utils.io import write_text_atomic
 
 
@@ -76,19 +83,29 @@ def _ablation_order(r: RunRecord) -> tuple[int, int]:
     return w, s
 
 
-def build_report(records: Sequence[RunRecord], out_dir: str | Path) -> tuple[Report, dict[str, Path]]:
-    """Tables and figures of the records, written to out_dir as report.md / report.tex / report.html."""
+def build_report(records: Sequence[RunRecord], out_dir: str | Path,
+                 references: dict[str, str] | None = None) -> tuple[Report, dict[str, Path]]:
+    """Tables and figures of the records, written to out_dir as report.md / report.tex / report.html.
+
+    `references` maps a row's method to the method it is compared with (default FAIR-Calib -> FlatQuant,
+    every other row -> FP); a named reference that no run has is a ConfigError."""
     out = Path(out_dir)
     ok = [r for r in records if r.ok]
     if not records:
         raise ValueError("no results.json found: point the report at a run or sweep folder that has finished jobs")
     report = Report(failed=[r for r in records if not r.ok], n_runs=len(records))
-    report.sections.append(("Accuracy", method_tables(ok)))
+    report.sections.append(("Accuracy", method_tables(ok, references=references)))
+    likelihood = [t for t in method_tables(ok, ANSWER_LL, references) if t.rows]
+    if likelihood:
+        report.sections.append(("Answer log-likelihood (continuous metric)", likelihood))
     if _varies(ok, "weighting") or _varies(ok, "schedule"):
         fair = sorted((r for r in ok if r.method_name == "fair_calib"), key=_ablation_order)
-        tables = knob_tables(fair, lambda r: f"{r.weighting} / {r.schedule}", "weighting ablation",
-                             "weighting / schedule")
+        knob = lambda r: f"{r.weighting} / {r.schedule}"  # noqa: E731
+        tables = knob_tables(fair, knob, "weighting ablation", "weighting / schedule")
         report.sections.append(("Weighting ablation (FAIR-Calib)", tables))
+        ll = [t for t in knob_tables(fair, knob, "weighting ablation", "weighting / schedule", ANSWER_LL) if t.rows]
+        if ll:
+            report.sections.append(("Weighting ablation: answer log-likelihood", ll))
         if fig := ablation_figure(tables, out / "ablation.png"):
             report.figures["weighting ablation"] = fig
     if _varies(ok, "n_probe"):

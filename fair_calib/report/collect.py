@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fair_calib.pipeline import run_key
+
 SKIP_DIRS = {"wandb", ".hydra", "samples", "diagnostics", "prior", "quantized_model"}
 
 
@@ -27,6 +29,9 @@ class RunRecord:
     experiment: str | None = None
     metrics: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)  # column -> task -> metric
     headline: dict[str, str] = field(default_factory=dict)  # task -> headline metric key (results.json)
+    scores: dict[str, dict[str, dict[str, list[float]]]] = field(default_factory=dict)  # column -> task -> key -> docs
+    seed: int = 0
+    config_key: str = ""  # hash of the resolved config without seeds and volatile keys: the seeds of one row share it
     summary: dict[str, float] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     error: str | None = None
@@ -59,6 +64,9 @@ def _record(path: Path, data: dict[str, Any]) -> RunRecord:
         rec.n_probe = prior.get("n_probe")
     rec.metrics = data.get("metrics") or {}
     rec.headline = data.get("headline") or {}
+    rec.scores = data.get("scores") or {}
+    rec.seed = int(run.get("seed", config.get("seed", 0)) or 0)
+    rec.config_key = run_key(config, ignore=frozenset({"seed"})) if config else str(path.parent)
     rec.summary = data.get("summary") or {}
     rec.timings = data.get("timings") or {}
     return rec

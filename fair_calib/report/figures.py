@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from fair_calib.report.cells import Cell
 from fair_calib.report.collect import RunRecord
-from fair_calib.report.tables import Table, models
+from fair_calib.report.tables import Table, models, number
 
 
 def _plt():
@@ -32,7 +33,7 @@ def diagnostics_figure(tables: Sequence[Table], path: Path) -> Path | None:
             ax = axes[i][j]
             if name in table.header:
                 k = table.header.index(name) - 1
-                vals = [vals[k] if vals[k] is not None else 0.0 for _, vals in table.rows]
+                vals = [number(vals[k]) or 0.0 for _, vals in table.rows]
                 ax.bar(range(len(labels)), vals, color="tab:blue")
                 ax.set_xticks(range(len(labels)), labels, rotation=35, ha="right", fontsize=7)
             ax.set_title(f"{table.title.split(':')[0]}: {name}", fontsize=9)
@@ -52,11 +53,14 @@ def ablation_figure(tables: Sequence[Table], path: Path, ylabel: str = "average 
     fig, axes = plt.subplots(1, len(tables), figsize=(5.0 * len(tables), 3.4), squeeze=False)
     for ax, table in zip(axes[0], tables):
         labels = [label for label, _ in table.rows]
-        vals = [vals[-1] if vals[-1] is not None else 0.0 for _, vals in table.rows]
-        ax.bar(range(len(labels)), vals, color="tab:orange")
+        cells = table.column("Avg")
+        vals = [number(c) or 0.0 for c in cells]
+        err = [[v - c.low if isinstance(c, Cell) and c.low is not None else 0.0 for v, c in zip(vals, cells)],
+               [c.high - v if isinstance(c, Cell) and c.high is not None else 0.0 for v, c in zip(vals, cells)]]
+        ax.bar(range(len(labels)), vals, color="tab:orange", yerr=err, capsize=3, ecolor="0.3")
         ax.set_xticks(range(len(labels)), labels, rotation=35, ha="right", fontsize=7)
         if vals:
-            lo, hi = min(vals), max(vals)
+            lo, hi = min(v - e for v, e in zip(vals, err[0])), max(v + e for v, e in zip(vals, err[1]))
             ax.set_ylim(max(0.0, lo - 2 * (hi - lo + 1)), hi + (hi - lo + 1))
         ax.set_ylabel(ylabel)
         ax.set_title(table.title.split(":")[0], fontsize=9)

@@ -1,6 +1,11 @@
 """lm-eval hooks of the tinyreason tasks (`!function utils.<name>` in the YAMLs next to this file)."""
 
-from fair_calib.benchmark.tinyreason_tasks import load_test_split, process_exact_match
+from fair_calib.benchmark.tinyreason_tasks import (
+    load_test_split,
+    process_answer_ll,
+    process_compare,
+    process_exact_match,
+)
 
 
 def load_addition(**kwargs):
@@ -16,4 +21,5 @@ def load_compare(**kwargs):
     return load_test_split("compare")
 
 
-__all__ = ["load_addition", "load_word_problems", "load_compare", "process_exact_match"]
+__all__ = ["load_addition", "load_word_problems", "load_compare", "process_exact_match", "process_answer_ll",
+           "process_compare"]
