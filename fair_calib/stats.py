@@ -214,6 +214,27 @@ def paired_bootstrap_mean_of_means(
     return _difference(xa, xb, n_resamples, confidence, seed)
 
 
+def bootstrap_ratio_ci(num: object, den: object, *, n_resamples: int = 2000, confidence: float = 0.95,
+                       seed: int = 0) -> tuple[float, float]:
+    """Percentile-bootstrap CI of sum(num) / sum(den) over units (prompts) resampled with replacement.
+
+    For pooled rates such as the flip rate (flips / frontier tokens): each prompt contributes its own numerator
+    and denominator, so prompts with more frontier tokens weigh more, exactly as in the pooled value. Resamples
+    whose denominator is 0 are dropped."""
+    _check_options(n_resamples, confidence)
+    n, d = np.asarray(num, dtype=np.float64), np.asarray(den, dtype=np.float64)
+    if n.ndim != 1 or n.shape != d.shape or n.size == 0:
+        raise ValueError(f"num and den must be 1-D of the same non-zero length, got {n.shape} and {d.shape}")
+    if not (np.isfinite(n).all() and np.isfinite(d).all()):
+        raise ValueError("num and den must be finite")
+    idx = _draw_docs(np.random.default_rng(seed), n_resamples, n.size)
+    tot_n, tot_d = n[idx].sum(axis=1), d[idx].sum(axis=1)
+    keep = tot_d != 0
+    if not keep.any():
+        raise ValueError("every resample has a zero denominator: the ratio is undefined")
+    return _interval(tot_n[keep] / tot_d[keep], confidence)
+
+
 # ----------------------------------------------------------------------------------------- power
 def _z_sum(power: float, alpha: float) -> float:
     if not 0.0 < power < 1.0:

@@ -19,9 +19,9 @@ from fair_calib.diagnostics.flips import selection_disagreement
 from fair_calib.diagnostics.frontier_kl import kl_divergence
 from fair_calib.diagnostics.hidden_mse import answer_offsets, per_token_hidden_error, weighted_mean
 from fair_calib.diagnostics.lag import lag_histogram, lag_summary, trace_lags
-from fair_calib.diagnostics.mismatch import trace_post_commit
+from fair_calib.diagnostics.mismatch import PostCommit, trace_post_commit
 from fair_calib.diagnostics.prob_mse import prob_mse
-from fair_calib.diagnostics.runner import own_state_prob_mse
+from fair_calib.diagnostics.runner import StepCurve, own_state_prob_mse, row_sums
 from fair_calib.diagnostics.trajectory import encode_prompts, rollout, teacher_trajectory
 from fair_calib.models.config import DLLMConfig
 from fair_calib.models.dllm import build_model
@@ -135,6 +135,10 @@ def test_post_commit_mismatch_by_hand():
     assert s["mean_disagree"] == pytest.approx(4 / 9)
     assert s["never_agree"] == pytest.approx(1 / 3)
     assert s["excluded_last_step"] == 1 and s["excluded_share"] == pytest.approx(0.25)
+    assert pc.rows.tolist() == [0, 0, 0] and pc.n_prompts == 1  # one prompt: every kept position is row 0
+    both = PostCommit.cat([pc, pc])
+    assert both.rows.tolist() == [0, 0, 0, 1, 1, 1] and both.n_prompts == 2
+    assert both.per_prompt(both.disagree_fraction) == pytest.approx([4 / 3, 4 / 3])
 
 
 def test_kl_and_prob_mse_two_tokens():
@@ -262,6 +266,8 @@ def test_quantized_random_model_writes_tables_and_plots(tmp_path):
     assert 0 <= r["diag/flip_rate"] <= 1 and 0 <= r["diag/selection_disagreement"] <= 1
     assert r["diag/frontier_kl"] > 0 and r["diag/hidden_mse_unweighted"] > 0
     assert r["diag/hidden_mse_weighted"] == pytest.approx(r["diag/hidden_mse_unweighted"])  # default: uniform
+    for key in ("flip_rate", "selection_disagreement", "frontier_kl", "prob_mse_teacher", "mean_disagree"):
+        assert r[f"diag/{key}_ci_low"] <= r[f"diag/{key}"] <= r[f"diag/{key}_ci_high"], key  # CI over prompts
     for f in ("scalars.json", "per_step.csv", "lag_histogram.csv", "flip_rate.png", "prob_mse.png",
               "lag_histogram.png"):
         assert (tmp_path / "diag" / f).is_file(), f
@@ -346,3 +352,20 @@ def test_decoding_override_and_pipeline_call_pattern(tmp_path):
     r = run_diagnostics(ScriptedLM(), q, ["ab", "cd"], run_sampler, tmp_path / "d", position_weight=None, **cfg)
     assert r.get("scalars", r)["diag/flip_rate"] == pytest.approx(0.25)
     assert r["diag/frontier_tokens"] == 4
+
+
+def test_step_curve_keeps_prompt_totals_and_their_ci():
+    c = StepCurve()
+    c.add_rows(0, 0, torch.tensor([1, 0]), torch.tensor([2, 2]))
+    c.add_rows(1, 0, torch.tensor([1, 1]), torch.tensor([2, 2]))
+    c.add_rows(0, 2, torch.tensor([0]), torch.tensor([4]))  # the next batch: prompt 2
+    assert c.num == [1.0, 2.0] and c.den == [8.0, 4.0] and c.overall() == pytest.approx(3 / 12)
+    assert c.prompt_num == {0: 2.0, 1: 1.0, 2: 0.0} and c.prompt_den == {0: 4.0, 1: 4.0, 2: 4.0}
+    low, high = c.interval()
+    assert 0.0 <= low <= 0.25 <= high <= 0.5  # bounded by the smallest and largest per-prompt ratio
+    assert StepCurve().interval() is None
+    same = StepCurve()
+    same.add_rows(0, 0, torch.tensor([1.0, 2.0, 3.0]), torch.tensor([2.0, 4.0, 6.0]))
+    assert same.interval() == pytest.approx((0.5, 0.5))  # every prompt at 1/2: no spread
+    values = torch.tensor([1.0, 2.0, 3.0])
+    assert row_sums(values, torch.tensor([[True, False], [True, True]])).tolist() == [1.0, 5.0]

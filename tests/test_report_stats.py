@@ -160,3 +160,18 @@ def test_report_refuses_rows_that_scored_different_documents(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("error:") == 1 and "cannot pair 'FAIR-Calib W4A4' with 'FlatQuant W4A4'" in err
     assert "benchmark.n" in err and not (tmp_path / "out").exists()
+
+
+def test_diagnostics_cells_carry_their_ci_over_prompts(tmp_path):
+    root = tmp_path / "sweep"
+    write(root, "a", "FlatQuant W4A4", "flatquant", 0, {"FlatQuant W4A4": {t: _docs(80) for t in TASKS}})
+    path = root / "a" / "results.json"
+    data = json.loads(path.read_text())
+    data["summary"] = {"diag/flip_rate": 0.05, "diag/flip_rate_ci_low": 0.03, "diag/flip_rate_ci_high": 0.08,
+                       "diag/frontier_kl": 0.2}
+    path.write_text(json.dumps(data))
+    report, files = build_report(collect_runs([root]), tmp_path / "out")
+    (diag,) = dict(report.sections)["Frontier diagnostics"]
+    flip, kl = dict(diag.rows)["FlatQuant W4A4"]
+    assert (flip.mean, flip.low, flip.high) == (0.05, 0.03, 0.08) and kl == 0.2
+    assert "| FlatQuant W4A4 | 0.05 [0.03, 0.08] | 0.2 " in files["markdown"].read_text()

@@ -193,3 +193,18 @@ def test_large_inputs_are_chunked_without_changing_the_result(monkeypatch):
     whole = bootstrap_ci(x, n_resamples=300)
     monkeypatch.setattr(stats, "_CHUNK_ELEMENTS", 3 * 500 * 7)  # 7 resamples per chunk
     assert bootstrap_ci(x, n_resamples=300) == whole
+
+
+def test_bootstrap_ratio_ci_pools_numerators_and_denominators():
+    num, den = [1.0, 0.0, 3.0, 1.0], [2.0, 2.0, 4.0, 0.0]
+    low, high = stats.bootstrap_ratio_ci(num, den, n_resamples=4000, seed=1)
+    rng = np.random.default_rng(1)  # by hand: the same index draws, ratio of sums per resample
+    idx = rng.integers(0, 4, size=(4000, 4))
+    n, d = np.asarray(num)[idx].sum(1), np.asarray(den)[idx].sum(1)
+    ref = np.quantile(n[d != 0] / d[d != 0], [0.025, 0.975])
+    assert (low, high) == pytest.approx(tuple(ref))
+    assert low <= sum(num) / sum(den) <= high
+    with pytest.raises(ValueError, match="same non-zero length"):
+        stats.bootstrap_ratio_ci([1.0], [1.0, 2.0])
+    with pytest.raises(ValueError, match="zero denominator"):
+        stats.bootstrap_ratio_ci([1.0, 2.0], [0.0, 0.0])

@@ -10,7 +10,7 @@ Also: the share of committed tokens that differ from the teacher's final token o
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -25,13 +25,26 @@ class PostCommit:
     disagree_fraction: Tensor  # (N,) float
     never_agree: Tensor  # (N,) bool
     excluded: int  # committed at the last step: no post-commit steps
+    rows: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))  # (N,) prompt of each position
+    n_prompts: int = 0
 
     @staticmethod
     def cat(parts: list[PostCommit]) -> PostCommit:
+        """The positions of several rollouts; prompt indices continue across them (batch after batch)."""
         if not parts:
             return PostCommit(torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.bool), 0)
+        offsets, total = [], 0
+        for p in parts:
+            offsets.append(total)
+            total += p.n_prompts
         return PostCommit(torch.cat([p.disagree_fraction for p in parts]), torch.cat([p.never_agree for p in parts]),
-                          sum(p.excluded for p in parts))
+                          sum(p.excluded for p in parts), torch.cat([p.rows + o for p, o in zip(parts, offsets)]),
+                          total)
+
+    def per_prompt(self, values: Tensor) -> list[float]:
+        """(n_prompts,) sums of per-position `values` by prompt (prompts without kept positions give 0)."""
+        out = torch.zeros(self.n_prompts, dtype=torch.float64).index_add_(0, self.rows, values.double())
+        return out.tolist()
 
     def summary(self) -> dict[str, float]:
         n = self.disagree_fraction.numel()
@@ -58,7 +71,9 @@ def post_commit_mismatch(top1: Tensor, tokens: Tensor, commit_step: Tensor) -> P
     committed = commit_step >= 0
     keep = committed & (n_after > 0)
     frac = disagree[keep].double() / n_after[keep].double()
-    return PostCommit(frac, disagree[keep] == n_after[keep], int((committed & (n_after == 0)).sum()))
+    rows = torch.arange(commit_step.shape[0])[:, None].expand_as(keep)[keep]
+    return PostCommit(frac, disagree[keep] == n_after[keep], int((committed & (n_after == 0)).sum()), rows,
+                      commit_step.shape[0])
 
 
 def trace_post_commit(trace: CommitTrace) -> PostCommit:

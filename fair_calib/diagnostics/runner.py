@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from fair_calib import stats
 from fair_calib.decoding.base import Sampler
 from fair_calib.decoding.trace import CommitTrace
 from fair_calib.diagnostics.flips import frontier_flips, selection_disagreement
@@ -53,11 +54,15 @@ NEEDS_Q_ROLLOUT = {"stabilization_lag", "post_commit_mismatch", "prob_mse"}
 
 
 class StepCurve:
-    """Per-step ratio sum_t num / sum_t den pooled over rows and batches, and its overall pooled value."""
+    """Per-step ratio sum_t num / sum_t den pooled over rows and batches, and its overall pooled value.
+
+    `add_rows` also keeps each prompt's totals, so the overall value gets a CI over prompts (`interval`)."""
 
     def __init__(self) -> None:
         self.num: list[float] = []
         self.den: list[float] = []
+        self.prompt_num: dict[int, float] = {}
+        self.prompt_den: dict[int, float] = {}
 
     def add(self, t: int, num: float, den: float) -> None:
         while len(self.num) <= t:
@@ -65,6 +70,22 @@ class StepCurve:
             self.den.append(0.0)
         self.num[t] += float(num)
         self.den[t] += float(den)
+
+    def add_rows(self, t: int, first_prompt: int, num: Tensor, den: Tensor) -> None:
+        """Per-row (B,) numerators and denominators of step t for prompts first_prompt .. first_prompt + B - 1."""
+        num_l, den_l = num.double().cpu().tolist(), den.double().cpu().tolist()
+        self.add(t, sum(num_l), sum(den_l))
+        for i, (n, d) in enumerate(zip(num_l, den_l)):
+            self.prompt_num[first_prompt + i] = self.prompt_num.get(first_prompt + i, 0.0) + n
+            self.prompt_den[first_prompt + i] = self.prompt_den.get(first_prompt + i, 0.0) + d
+
+    def interval(self, confidence: float = 0.95) -> tuple[float, float] | None:
+        """Bootstrap CI over prompts of the overall ratio; None without per-prompt totals."""
+        keys = sorted(self.prompt_num)
+        if not keys or not sum(self.prompt_den.values()):
+            return None
+        return stats.bootstrap_ratio_ci([self.prompt_num[k] for k in keys], [self.prompt_den[k] for k in keys],
+                                        confidence=confidence)
 
     def curve(self) -> list[float]:
         return [n / d if d else math.nan for n, d in zip(self.num, self.den)]
@@ -138,21 +159,31 @@ def teacher_forced_pass(fp_model: DiffusionLM, q_model: DiffusionLM, sampler: Sa
     """Feed every teacher state S_t to the quantized (and FP) model and pool the per-step metrics."""
     curves = {m: StepCurve() for m in ("flip_rate", "selection_disagreement", "prob_mse_teacher", "frontier_kl")}
     need_fp = bool(metrics & {"prob_mse", "frontier_kl"})
+    first = 0  # index of the trace's first prompt: per-prompt totals give the CIs over prompts
     for trace in traces:
         for t, lq, lf, masked in _state_logits(fp_model, q_model, sampler, trace, need_fp, "teacher states"):
             committed, tokens = trace.committed[t].to(lq.device), trace.tokens.to(lq.device)
-            n_commit = int(committed.sum())
+            n_commit = committed.sum(-1)
             if "flip_rate" in metrics:
-                curves["flip_rate"].add(t, int(frontier_flips(committed, tokens, lq).sum()), n_commit)
+                curves["flip_rate"].add_rows(t, first, frontier_flips(committed, tokens, lq).sum(-1), n_commit)
             if "selection_disagreement" in metrics:
                 chosen = select_commits(sampler, lq, masked, committed.sum(-1), committed)
                 value, valid = selection_disagreement(committed, chosen)
-                curves["selection_disagreement"].add(t, float(value.sum()), int(valid.sum()))
+                curves["selection_disagreement"].add_rows(t, first, value, valid)
             if "prob_mse" in metrics:
-                curves["prob_mse_teacher"].add(t, float(prob_mse(lf, lq, masked).sum()), int(masked.sum()))
+                curves["prob_mse_teacher"].add_rows(t, first, row_sums(prob_mse(lf, lq, masked), masked),
+                                                    masked.sum(-1))
             if "frontier_kl" in metrics:
-                curves["frontier_kl"].add(t, float(frontier_kl(lf, lq, committed).sum()), n_commit)
+                curves["frontier_kl"].add_rows(t, first, row_sums(frontier_kl(lf, lq, committed), committed), n_commit)
+        first += trace.batch_size
     return curves
+
+
+def row_sums(values: Tensor, positions: Tensor) -> Tensor:
+    """(B,) per-row sums of per-position values taken at the (B, G) bool `positions` (row-major order)."""
+    rows = positions.nonzero()[:, 0]
+    return torch.zeros(positions.shape[0], dtype=torch.float64, device=values.device).index_add_(
+        0, rows.to(values.device), values.double())
 
 
 class OwnStateProbe:
@@ -277,11 +308,13 @@ def run_diagnostics(fp_model: DiffusionLM, q_model: DiffusionLM, prompts: list[s
             fc = curves["flip_rate"]
             scalars.update({"diag/flip_rate": fc.overall(), "diag/flips": sum(fc.num),
                             "diag/frontier_tokens": sum(fc.den)})
+            scalars.update(_interval_scalars("flip_rate", fc.interval()))
             step_columns.update({"frontier_size": fc.den, "flips": fc.num, "flip_rate": fc.curve()})
         for name, key in (("selection_disagreement", "selection_disagreement"), ("frontier_kl", "frontier_kl"),
                           ("prob_mse", "prob_mse_teacher")):
             if name in metrics_set:
                 scalars[f"diag/{key}"] = curves[key].overall()
+                scalars.update(_interval_scalars(key, curves[key].interval()))
                 step_columns[key] = curves[key].curve()
     if own_curve is not None:
         curve = own_curve
@@ -304,10 +337,14 @@ def run_diagnostics(fp_model: DiffusionLM, q_model: DiffusionLM, prompts: list[s
 
     if "post_commit_mismatch" in metrics_set and own is not None:
         for suffix, traj in (("", own), ("_fp", teacher)):
-            s = PostCommit.cat([trace_post_commit(t) for t in traj.traces]).summary()
+            pc = PostCommit.cat([trace_post_commit(t) for t in traj.traces])
+            s = pc.summary()
             scalars.update({f"diag/mean_disagree{suffix}": s["mean_disagree"],
                             f"diag/never_agree{suffix}": s["never_agree"],
                             f"diag/post_commit_excluded{suffix}": s["excluded_last_step"]})
+            if pc.rows.numel():  # mean over positions = ratio of per-prompt sums to per-prompt counts
+                num, den = pc.per_prompt(pc.disagree_fraction), pc.per_prompt(torch.ones_like(pc.disagree_fraction))
+                scalars.update(_interval_scalars(f"mean_disagree{suffix}", stats.bootstrap_ratio_ci(num, den)))
             log.info("post-commit mismatch (%s rollout): %d positions committed at the last step have no "
                      "post-commit steps and are excluded (%d kept)", "FP" if suffix else "quantized",
                      s["excluded_last_step"], s["n"])
@@ -322,6 +359,13 @@ def run_diagnostics(fp_model: DiffusionLM, q_model: DiffusionLM, prompts: list[s
     files = _write_outputs(Path(out_dir), scalars, tables) if out_dir is not None else {}
     log.info("diagnostics: %s", ", ".join(f"{k.removeprefix('diag/')}={v:.4g}" for k, v in scalars.items()))
     return DiagnosticsResult(scalars, tables, files)
+
+
+def _interval_scalars(key: str, interval: tuple[float, float] | None) -> dict[str, float]:
+    """`diag/<key>_ci_low`, `_ci_high`: the 95% bootstrap CI over prompts (nothing when there is none)."""
+    if interval is None:
+        return {}
+    return {f"diag/{key}_ci_low": interval[0], f"diag/{key}_ci_high": interval[1]}
 
 
 def _write_outputs(out_dir: Path, scalars: dict[str, float],

@@ -329,6 +329,14 @@ DIAG_COLUMNS = (("flip_rate", "flip rate"), ("mean_disagree", "post-commit misma
                 ("hidden_mse_unweighted", "hidden MSE"))
 
 
+def _diag_cell(r: RunRecord, key: str) -> Value:
+    """A diagnostic scalar, with its CI over prompts when the run recorded one (`diag/<key>_ci_low/_high`)."""
+    value, low, high = r.diag(key), r.diag(f"{key}_ci_low"), r.diag(f"{key}_ci_high")
+    if value is None or low is None or high is None:
+        return value
+    return Cell(value, low, high)
+
+
 def diagnostics_tables(records: Sequence[RunRecord]) -> list[Table]:
     """Per model: the frontier diagnostics of each quantized run (lower is better, so nothing in bold)."""
     tables = []
@@ -337,7 +345,7 @@ def diagnostics_tables(records: Sequence[RunRecord]) -> list[Table]:
         runs = sorted((r for r in ok if r.model == model), key=lambda r: _method_rank(r.method))
         cols = [(k, n) for k, n in DIAG_COLUMNS if any(r.diag(k) is not None for r in runs)]
         table = Table(f"{model}: frontier diagnostics against the FP teacher", ["method"] + [n for _, n in cols],
-                      digits=None, best=False)
+                      digits=None, best=False, notes=["cells: value [95% bootstrap CI over prompts] where recorded"])
         settings: dict[str, set] = {}
         for r in runs:
             settings.setdefault(r.method, set()).add((r.weighting, r.schedule))
@@ -348,7 +356,7 @@ def diagnostics_tables(records: Sequence[RunRecord]) -> list[Table]:
             if label in seen:
                 continue
             seen.add(label)
-            table.rows.append((label, [r.diag(k) for k, _ in cols]))
+            table.rows.append((label, [_diag_cell(r, k) for k, _ in cols]))
         tables.append(table)
     return tables
 
