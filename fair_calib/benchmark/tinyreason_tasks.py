@@ -7,7 +7,7 @@ lm-eval's CLI (`--include_path`, see `fair_calib/benchmark/tasks/tinyreason/READ
 
 Regenerate the data files (deterministic from the generators, seed 0):
 
-    python -m fair_calib.benchmark.tinyreason_tasks --n 500
+    python -m fair_calib.benchmark.tinyreason_tasks --n 1000
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ TASK_FOLDER = TASKS_DIR / "tinyreason"
 DATA_DIR = TASK_FOLDER / "data"
 LM_EVAL_NAME = {task: f"tinyreason_{task}" for task in TASKS}
 DATA_SEED = 0
-SHIPPED_N = 500
+SHIPPED_N = 1000
 
 
 def doc_row(ex, doc_id: int) -> dict[str, Any]:
