@@ -74,21 +74,30 @@ def interval_metrics(prefix: str, scores: Scores, headline: dict[str, str], conf
     return out
 
 
-def format_table(columns: dict[str, dict[str, dict[str, float]]], headline: dict[str, str]) -> str:
-    """Task x method table of each task's headline metric, as aligned text (also valid Markdown)."""
+def format_table(columns: dict[str, dict[str, dict[str, float]]], headline: dict[str, str],
+                 scores: dict[str, Scores] | None = None) -> str:
+    """Task x method table of each task's headline metric, as aligned text (also valid Markdown); with the
+    columns' per-document `scores`, every cell also shows its 95% bootstrap CI over documents."""
     tasks = [t for t in headline if any(t in m for m in columns.values())]
     head = ["task"] + list(columns)
+    cis = {label: interval_metrics("x", docs, headline) for label, docs in (scores or {}).items() if docs}
     rows = []
     for t in tasks + ["average"]:
         row = [t]
-        for m in columns.values():
+        key = "x/avg" if t == "average" else f"x/{t}/{headline[t]}"
+        for label, m in columns.items():
             v = average(m, headline) if t == "average" else m.get(t, {}).get(headline[t])
-            row.append("-" if v is None else f"{100 * v:.1f}")
+            cell = "-" if v is None else f"{100 * v:.1f}"
+            ci = cis.get(label, {})
+            if v is not None and f"{key}_ci_low" in ci:
+                cell += f" [{100 * ci[f'{key}_ci_low']:.1f}, {100 * ci[f'{key}_ci_high']:.1f}]"
+            row.append(cell)
         rows.append(row)
     widths = [max(len(str(r[i])) for r in [head] + rows) for i in range(len(head))]
     line = lambda r: "| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
     sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
-    return "\n".join([line(head), sep] + [line(r) for r in rows])
+    note = "\n\ncells: % (each task's headline metric) [95% bootstrap CI over documents]" if cis else ""
+    return "\n".join([line(head), sep] + [line(r) for r in rows]) + note
 
 
 _VOLATILE = {"force", "debug", "threads", "logger", "group", "cache_dir", "progress", "show_progress", "offload_dir",
@@ -381,7 +390,7 @@ class Pipeline:
         rows = [[task, name, col, v] for col, m in metrics.items() for task, tm in m.items() for name, v in tm.items()]
         self.logger.log_table("benchmark", ["task", "metric", "method", "value"],
                               [[r[0], r[1], r[2], r[3]] for r in rows])
-        table = format_table(metrics, headline)
+        table = format_table(metrics, headline, self.scores)
         write_text_atomic(self.run_dir / "table.md", table + "\n")
         print(f"\n{self.model_spec.label}  ({', '.join(f'{k}={v}s' for k, v in self.timings.items())})\n{table}\n"
               f"results: {self.run_dir / 'results.json'}")

@@ -69,3 +69,19 @@ def test_seed_is_the_calibration_seed_and_names_the_sweep_folder() -> None:
         excluded = list(cfg.hydra.job.config.override_dirname.exclude_keys)
     assert "seed" not in excluded  # seed=0,1,2 sweeps get one folder per seed
     assert cfg.data.seed == 2 and cfg.prior.seed == 2 and cfg.quantizer.seed == 2
+
+
+def test_run_table_shows_each_cells_bootstrap_ci() -> None:
+    from fair_calib.pipeline import interval_metrics
+
+    headline = {"a": "acc", "b": "exact_match"}
+    columns = {"FP": {"a": {"acc": 0.75}, "b": {"exact_match": 0.5}},
+               "Q": {"a": {"acc": 0.5}, "b": {"exact_match": 0.5}}}
+    scores = {"FP": {"a": {"acc": [1.0, 1.0, 1.0, 0.0]}, "b": {"exact_match": [1.0, 0.0, 1.0, 0.0]}}}
+    ci = interval_metrics("fp", scores["FP"], headline)
+    lines = format_table(columns, headline, scores).splitlines()
+    cell = lambda key: f"[{100 * ci[key + '_ci_low']:.1f}, {100 * ci[key + '_ci_high']:.1f}]"  # noqa: E731
+    assert lines[2].split("|")[2].strip() == f"75.0 {cell('fp/a/acc')}"
+    assert lines[4].split("|")[2].strip() == f"62.5 {cell('fp/avg')}"
+    assert lines[2].split("|")[3].strip() == "50.0"  # no scores for Q: the bare mean
+    assert lines[-1].startswith("cells: %") and format_table(columns, headline).splitlines()[-1].startswith("| average")
