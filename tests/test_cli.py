@@ -164,3 +164,22 @@ def test_seeds_zero_is_one_line(tmp_path):
     lines = [ln for ln in proc.stderr.strip().splitlines() if ln.startswith("error:")]
     assert len(lines) == 1 and "seeds=0" in lines[0] and "Traceback" not in proc.stderr
     assert not (tmp_path / "sweep").exists()
+
+
+def test_cold_and_warm_caches_give_identical_results(model_dir, tmp_path):
+    """A small FAIR-Calib run twice on one cache: the second hits the prior, FP/RTN evaluation and teacher
+    trajectory caches, and must write the same metrics, per-document scores and calibration errors."""
+    args = [f"model.path={model_dir}", "logger=none", *SMALL_BENCH, *SMALL_FAIR]
+    cold = run_cli([*args, "hydra.run.dir=cold"], tmp_path, tmp_path / "cache")
+    warm = run_cli([*args, "hydra.run.dir=warm"], tmp_path, tmp_path / "cache")
+    assert cold.returncode == 0 and warm.returncode == 0, warm.stderr[-2000:]
+    out = warm.stderr + warm.stdout
+    assert "evaluation cache hit (fp)" in out and "prior cache hit" in out
+    a, b = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("cold", "warm"))
+    assert a["metrics"] == b["metrics"] and a["scores"] == b["scores"]
+    untimed = lambda d: {k: v for k, v in d.items() if not k.endswith("time_s")}  # noqa: E731
+    assert [untimed(x) for x in a["calibration"]["blocks"]] == [untimed(x) for x in b["calibration"]["blocks"]]
+    volatile = {"diag/teacher_cache_hit"}
+    assert untimed({k: v for k, v in a["summary"].items() if k not in volatile}) == \
+        untimed({k: v for k, v in b["summary"].items() if k not in volatile})
+    assert b["summary"]["diag/teacher_cache_hit"] == 1.0
