@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 import signal
+import struct
+from pathlib import Path
 
 import pytest
+import torch
+from conftest import make_tiny
+from safetensors.torch import load_file, save_file
 
 from fair_calib.errors import (
     ComputationError,
@@ -15,8 +22,12 @@ from fair_calib.errors import (
     guarded,
     one_line,
 )
+from fair_calib.models import loading
+from fair_calib.models.loading import load_dllm, save_dllm
+from fair_calib.models.validate import check_model_folder
 from fair_calib.quant.qlinear import NonFiniteWeightError as QLinearNonFinite
 from fair_calib.registry import ConfigError as RegistryConfigError
+from fair_calib.registry import build
 
 
 def test_error_family_and_exit_codes():
@@ -47,3 +58,157 @@ def test_guarded_prints_one_line_and_returns_the_code(capsys, monkeypatch):
     assert "Traceback" in capsys.readouterr().err
     with pytest.raises(ZeroDivisionError):  # a bug is not an expected error: it keeps its traceback
         guarded(lambda: 1 / 0)
+
+
+# ---- broken model folders (fair_calib.models.validate): checked from JSON and safetensors headers only ------------
+LN_F = "model.transformer.ln_f.weight"
+
+
+@pytest.fixture(scope="module")
+def good_folder(tmp_path_factory) -> Path:
+    return save_dllm(make_tiny("llada"), tmp_path_factory.mktemp("good") / "tiny")
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _config(folder: Path) -> dict:
+    return json.loads((folder / "config.json").read_text())
+
+
+def _header_len(path: Path) -> int:
+    return struct.unpack("<Q", path.read_bytes()[:8])[0]
+
+
+def _break_config_text(folder: Path, text: str) -> None:
+    (folder / "config.json").write_text(text)
+
+
+def _drop_keys(folder: Path, *keys: str) -> None:
+    cfg = {k: v for k, v in _config(folder).items() if k not in keys}
+    (folder / "config.json").write_text(json.dumps(cfg))
+
+
+def _set_key(folder: Path, key: str, value) -> None:
+    (folder / "config.json").write_text(json.dumps({**_config(folder), key: value}))
+
+
+def _truncate(folder: Path) -> None:
+    st = folder / "model.safetensors"
+    st.write_bytes(st.read_bytes()[:-100])
+
+
+def _rewrite_header(folder: Path, header: bytes, size: int | None = None) -> None:
+    st = folder / "model.safetensors"
+    data = st.read_bytes()[8 + _header_len(st):]
+    st.write_bytes(struct.pack("<Q", len(header) if size is None else size) + header + data)
+
+
+def _edit_tensors(folder: Path, edit) -> None:
+    state = load_file(str(folder / "model.safetensors"))
+    edit(state)
+    save_file(state, str(folder / "model.safetensors"))
+
+
+def _pickle_only(folder: Path) -> None:
+    state = load_file(str(folder / "model.safetensors"))
+    torch.save(state, folder / "pytorch_model.bin")
+    (folder / "model.safetensors").unlink()
+
+
+def _shard(folder: Path, weight_map: dict | None, extra: str | None = None) -> None:
+    st = folder / "model.safetensors"
+    (folder / "model-00001-of-00001.safetensors").write_bytes(st.read_bytes())
+    st.unlink()
+    index = {"metadata": {}, "weight_map": weight_map} if weight_map is not None else {"metadata": {}}
+    (folder / "model.safetensors.index.json").write_text(extra if extra is not None else json.dumps(index))
+
+
+def _missing_shard(folder: Path) -> None:
+    names = list(load_file(str(folder / "model.safetensors")))
+    _shard(folder, {n: ("model-00001-of-00002.safetensors" if i % 2 else "model-00002-of-00002.safetensors")
+                    for i, n in enumerate(names)})
+
+
+BROKEN_FOLDERS = {
+    "config_not_json": (lambda f: _break_config_text(f, '{"model_type": "llada", "d_model": 32,'),
+                        "config.json is not valid JSON"),
+    "config_binary": (lambda f: (f / "config.json").write_bytes(b"\xff\xfe\x00garbage"), "is not UTF-8 text"),
+    "config_list": (lambda f: _break_config_text(f, "[1, 2, 3]"), "holds a JSON list, not an object"),
+    "config_lacks_n_heads": (lambda f: _drop_keys(f, "n_heads"), "lacks the llada architecture key(s) n_heads"),
+    "config_lacks_two": (lambda f: _drop_keys(f, "n_heads", "d_model"),
+                         "lacks the llada architecture key(s) d_model, n_heads"),
+    "config_lacks_vocab": (lambda f: _drop_keys(f, "vocab_size", "embedding_size"),
+                           "key(s) vocab_size/embedding_size"),
+    "config_n_heads_string": (lambda f: _set_key(f, "n_heads", "four"), "invalid architecture values (n_heads='four')"),
+    "config_n_layers_zero": (lambda f: _set_key(f, "n_layers", 0), "invalid architecture values (n_layers=0)"),
+    "config_heads_do_not_divide": (lambda f: _set_key(f, "n_heads", 5), "is not divisible by n_heads 5"),
+    "safetensors_truncated": (_truncate, "truncated or padded): the file is damaged or incompletely downloaded"),
+    "safetensors_tiny": (lambda f: (f / "model.safetensors").write_bytes(b"\x01\x02"), "no header"),
+    "safetensors_empty": (lambda f: (f / "model.safetensors").write_bytes(b""), "(0 bytes, no header)"),
+    "header_size_too_large": (lambda f: _rewrite_header(f, b"{}", size=10**12),
+                              "header size 1000000000000 is larger than the file"),
+    "header_not_json": (lambda f: _rewrite_header(f, b"{not json at all}"), "corrupt safetensors header (not JSON)"),
+    "header_a_list": (lambda f: _rewrite_header(f, b"[]"), "corrupt safetensors header (not a JSON object)"),
+    "header_bad_entry": (lambda f: _rewrite_header(f, b'{"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 3]}}'),
+                         "corrupt safetensors header entry for tensor 'w'"),
+    "tensor_renamed": (lambda f: _edit_tensors(f, lambda s: s.update({"extra.weight": s.pop(LN_F)})),
+                       "missing ['model.transformer.ln_f.weight'], unexpected ['extra.weight']"),
+    "tensor_missing": (lambda f: _edit_tensors(f, lambda s: s.pop("model.transformer.blocks.1.ff_out.weight")),
+                       "missing ['model.transformer.blocks.1.ff_out.weight'], unexpected []"),
+    "tensor_wrong_shape": (lambda f: _edit_tensors(f, lambda s: s.update({LN_F: torch.ones(31)})),
+                           "tensor model.transformer.ln_f.weight has shape [31] but config.json implies [32]"),
+    "config_of_other_size": (lambda f: _set_key(f, "mlp_hidden_size", 48),
+                             "tensor model.transformer.blocks.0.ff_out.weight has shape [32, 64] but config.json "
+                             "implies [32, 48]"),
+    "pickle_only": (_pickle_only,
+                    "this folder holds only pickle weights (pytorch_model.bin); convert it to safetensors"),
+    "no_weights": (lambda f: (f / "model.safetensors").unlink(), "holds no model.safetensors or sharded index"),
+    "index_empty": (lambda f: _shard(f, {}), "names no shards"),
+    "index_no_map": (lambda f: _shard(f, None), "names no shards"),
+    "index_not_json": (lambda f: _shard(f, {}, extra="{"), "model.safetensors.index.json is not valid JSON"),
+    "index_missing_shards": (_missing_shard, "names 2 missing shard file(s) (model-00001-of-00002.safetensors, "
+                                             "model-00002-of-00002.safetensors): finish the download"),
+    "index_wrong_shard": (lambda f: _shard(f, {"not.in.the.shard": "model-00001-of-00001.safetensors"}),
+                          "places tensor 'not.in.the.shard' in model-00001-of-00001.safetensors, which does not "
+                          "hold it"),
+}
+
+
+@pytest.mark.parametrize("case", list(BROKEN_FOLDERS))
+def test_broken_model_folder_is_one_config_error_before_any_weights_load(case, good_folder, tmp_path, monkeypatch):
+    breaker, message = BROKEN_FOLDERS[case]
+    folder = _copy(good_folder, tmp_path / "m")
+    breaker(folder)
+    monkeypatch.setattr(loading, "load_file", _no_weights)  # the check reads headers only
+    with pytest.raises(ConfigError) as err:
+        check_model_folder(folder)
+    assert message in str(err.value) and "\n" not in one_line(err.value)
+    with pytest.raises(ConfigError) as again:  # every loading entry point gets the same check
+        load_dllm(folder)
+    assert str(again.value) == str(err.value)
+
+
+def _no_weights(*args, **kwargs):
+    raise AssertionError("tensors were read before the folder was checked")
+
+
+def test_registry_model_spec_checks_the_folder_at_build_time(good_folder, tmp_path, monkeypatch):
+    folder = _copy(good_folder, tmp_path / "m")
+    _truncate(folder)
+    monkeypatch.setattr(loading, "load_file", _no_weights)
+    with pytest.raises(ConfigError, match="truncated or padded"):
+        build("model", {"name": "dllm", "path": str(folder)})
+
+
+def test_valid_folders_still_load(good_folder, tmp_path):
+    check_model_folder(good_folder)
+    model = build("model", {"name": "dllm", "path": str(good_folder)}).load()
+    assert model.config.n_heads == 4 and model.tokenizer is not None
+    sharded = _copy(good_folder, tmp_path / "sharded")
+    names = list(load_file(str(sharded / "model.safetensors")))
+    _shard(sharded, dict.fromkeys(names, "model-00001-of-00001.safetensors"))
+    check_model_folder(sharded)
+    torch.testing.assert_close(load_dllm(sharded).output_layer.weight, model.output_layer.weight, rtol=0, atol=0)

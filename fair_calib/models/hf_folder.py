@@ -7,7 +7,8 @@ from pathlib import Path
 import torch
 
 from fair_calib.models.dllm import DiffusionLM
-from fair_calib.models.loading import ModelLoadError, load_dllm, read_config
+from fair_calib.models.loading import load_dllm
+from fair_calib.models.validate import check_model_folder, read_config
 from fair_calib.registry import ConfigError, register
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -43,10 +44,8 @@ class HFFolderModel:
     def __init__(self, path: str, label: str | None = None, dtype: str = "float32", trust_remote_code: bool = False,
                  family: str | None = None) -> None:
         self.path = resolve_model_path(path)
-        try:
-            raw = read_config(self.path)
-        except ModelLoadError as err:
-            raise ConfigError(str(err)) from err
+        check_model_folder(self.path, trust_remote_code=bool(trust_remote_code))  # headers only, no weights
+        raw = read_config(self.path)
         self.model_type = str(raw.get("model_type", ""))
         if family is not None and family != self.model_type.lower():
             raise ConfigError(f"model.family={family} but {self.path}/config.json says model_type={self.model_type}")
@@ -55,7 +54,4 @@ class HFFolderModel:
         self.trust_remote_code = trust_remote_code
 
     def load(self, device: str | torch.device = "cpu") -> DiffusionLM:
-        try:
-            return load_dllm(self.path, dtype=self.dtype, device=device, trust_remote_code=self.trust_remote_code)
-        except ModelLoadError as err:
-            raise ConfigError(str(err)) from err
+        return load_dllm(self.path, dtype=self.dtype, device=device, trust_remote_code=self.trust_remote_code)

@@ -16,52 +16,31 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from fair_calib.models.config import DLLMConfig
-from fair_calib.models.dllm import DiffusionLM, build_model
+from fair_calib.models.dllm import DiffusionLM
+from fair_calib.models.validate import (
+    INDEX,
+    NATIVE_TYPES,
+    ModelLoadError,
+    architecture,
+    check_model_folder,
+    read_config,
+    skeleton,
+)
 
+__all__ = ["ModelLoadError", "load_dllm", "read_config", "save_dllm"]
 log = logging.getLogger(__name__)
-
-NATIVE_TYPES = ("llada", "dream")
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
 
-class ModelLoadError(RuntimeError):
-    """A model folder that cannot be loaded; the message says what to fix."""
-
-
-def read_config(path: str | Path) -> dict:
-    folder = Path(path)
-    if not folder.is_dir():
-        raise ModelLoadError(f"model folder {folder} does not exist: "
-                             "set model.path to a local Hugging Face snapshot folder")
-    cfg_file = folder / "config.json"
-    if not cfg_file.is_file():
-        raise ModelLoadError(f"{folder} has no config.json: point model.path at a Hugging Face model folder")
-    return json.loads(cfg_file.read_text())
-
-
-def _weight_files(folder: Path) -> list[Path]:
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [folder / s for s in shards]
-    single = folder / "model.safetensors"
-    if single.is_file():
-        return [single]
-    bins = sorted(folder.glob("pytorch_model*.bin"))
-    if bins:
-        return bins
-    raise ModelLoadError(f"{folder} holds no model.safetensors, sharded index or pytorch_model.bin")
-
-
 def load_state_dict(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the folder's safetensors file(s); call `check_model_folder` first (headers and names)."""
+    index = folder / INDEX
+    files = sorted({str(s) for s in json.loads(index.read_text())["weight_map"].values()}) if index.is_file() \
+        else ["model.safetensors"]
     state: dict[str, torch.Tensor] = {}
-    for f in _weight_files(folder):
-        if f.suffix == ".safetensors":
-            state.update(load_file(str(f)))
-        else:  # legacy pickles: tensors only, never arbitrary objects
-            state.update(torch.load(f, map_location="cpu", weights_only=True))
+    for f in files:
+        state.update(load_file(str(folder / f)))
     return state
 
 
@@ -99,25 +78,13 @@ def load_dllm(path: str | Path, dtype: str = "float32", device: str | torch.devi
             )
         if not trust_remote_code:
             raise ModelLoadError(f"model_type {raw.get('model_type')!r} is not an LLaDA or Dream model")
+        check_model_folder(folder, trust_remote_code=True)
         from fair_calib.models.remote import load_remote_dllm
 
         return load_remote_dllm(folder, raw, DTYPES[dtype], device)
-    cfg = DLLMConfig.from_hf_dict(raw)
-    with torch.device("meta"):
-        model = build_model(cfg)
-    if "quantization_config" in raw:  # an exported quantized folder: packed linears and online ops (fair_calib.export)
-        from fair_calib.export.reload import install_from_config
-
-        install_from_config(model, raw)
+    check_model_folder(folder)  # config keys, safetensors headers, tensor names and shapes: before any weights load
+    model = skeleton(raw, architecture(raw, folder / "config.json"))
     state = load_state_dict(folder)
-    model_keys = set(model.state_dict().keys())
-    missing, unexpected = model_keys - state.keys(), state.keys() - model_keys
-    if missing or unexpected:
-        raise ModelLoadError(
-            f"{folder}: weights do not match the {cfg.family} layout "
-            f"(missing {sorted(missing)[:5]}{'...' if len(missing) > 5 else ''}, "
-            f"unexpected {sorted(unexpected)[:5]}{'...' if len(unexpected) > 5 else ''})"
-        )
     model.load_state_dict({k: v.to(DTYPES[dtype]) if v.is_floating_point() else v for k, v in state.items()},
                           assign=True)
     model.to(device)
