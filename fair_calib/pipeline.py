@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from fair_calib import CONF_DIR, stats
 from fair_calib.benchmark.scores import task_scores
 from fair_calib.models.hf_folder import resolve_device
+from fair_calib.models.validate import check_run_values
 from fair_calib.quant.base import BitSettings
 from fair_calib.registry import ConfigError, build
 from fair_calib.utils.io import stable_hash, state_dict_hash, write_json_atomic, write_text_atomic
@@ -148,6 +149,7 @@ class Pipeline:
         self.group = group if group is not None else cfg.get("group")
         self.config_hash = run_key(self.plain)
         self.seed = check_seed(cfg.get("seed"))
+        check_run_values(self.plain)  # threads, device, boolean switches, data=text's corpus: before any weights
         # build (and thereby validate) everything before loading weights
         self.device = resolve_device(str(cfg.device))
         self.model_spec = build("model", cfg.model)

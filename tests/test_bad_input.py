@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import signal
 import struct
@@ -24,7 +25,7 @@ from fair_calib.errors import (
 )
 from fair_calib.models import loading
 from fair_calib.models.loading import load_dllm, save_dllm
-from fair_calib.models.validate import check_model_folder
+from fair_calib.models.validate import check_model_folder, check_run_values
 from fair_calib.quant.qlinear import NonFiniteWeightError as QLinearNonFinite
 from fair_calib.registry import ConfigError as RegistryConfigError
 from fair_calib.registry import build
@@ -212,3 +213,102 @@ def test_valid_folders_still_load(good_folder, tmp_path):
     _shard(sharded, dict.fromkeys(names, "model-00001-of-00001.safetensors"))
     check_model_folder(sharded)
     torch.testing.assert_close(load_dllm(sharded).output_layer.weight, model.output_layer.weight, rtol=0, atol=0)
+
+
+# ---- calibration text files (data=text) ---------------------------------------------------------------------------
+CORPUS_CASES = {
+    "binary": ("c.txt", b"\x89PNG\r\n\x1a\n\x00\x00\xff\xd8\xff", "is not UTF-8 text (byte 0x89 at offset 0)"),
+    "latin1": ("c.txt", "caf\u00e9 cr\u00e8me".encode("latin-1"), "is not UTF-8 text (byte 0xe9 at offset 3)"),
+    "nul_bytes": ("c.txt", b"abc\x00\x00def", "holds NUL bytes, so it is a binary file"),
+    "empty": ("c.txt", b"", "is empty: point data.path at a corpus with text in it"),
+    "blank": ("c.txt", b"\n  \n\t\n", "is empty"),
+    "jsonl_null": ("c.jsonl", b'{"text": "a b c"}\n{"text": null}\n', "c.jsonl:2 has a null 'text' field"),
+    "jsonl_missing": ("c.jsonl", b'{"text": "a"}\n\n{"body": "b"}\n', "c.jsonl:3 has no 'text' field"),
+    "jsonl_number": ("c.jsonl", b'{"text": 5}\n', "c.jsonl:1: field 'text' is a int, not a string"),
+    "jsonl_list": ("c.jsonl", b'["text"]\n', "c.jsonl:1 is a JSON list, not an object"),
+    "jsonl_bad_json": ("c.jsonl", b'{"text": "a"}\n{"text": \n', "c.jsonl:2 is not valid JSON"),
+    "jsonl_all_blank": ("c.jsonl", b'{"text": ""}\n{"text": "  "}\n', "has no non-blank 'text' text"),
+}
+
+
+@pytest.mark.parametrize("case", list(CORPUS_CASES))
+def test_bad_calibration_file_is_one_line_naming_it(case, tmp_path, char_tokenizer):
+    name, content, message = CORPUS_CASES[case]
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(ConfigError) as err:
+        build("data", {"name": "text", "path": str(path), "n_samples": 2, "seq_len": 4}, tokenizer=char_tokenizer)
+    assert message in str(err.value) and str(path) in str(err.value)
+    with pytest.raises(ConfigError, match=re.escape(message)):  # the pipeline checks it before any weights load
+        check_run_values({"data": {"name": "text", "path": str(path), "text_field": "text"}})
+
+
+def test_non_ascii_calibration_path_is_accepted(tmp_path, char_tokenizer):
+    folder = tmp_path / "données ünï 数据"
+    folder.mkdir()
+    path = folder / "corpus café.jsonl"
+    path.write_text('{"text": "the cat sat on the mat, über alles"}\n{"text": "two plus two is four"}\n',
+                    encoding="utf-8")
+    check_run_values({"data": {"name": "text", "path": str(path)}})
+    calib = build("data", {"name": "text", "path": str(path), "n_samples": 3, "seq_len": 8},
+                  tokenizer=char_tokenizer)
+    assert calib.input_ids.shape == (3, 8) and len(calib.prompts) == 3
+
+
+# ---- values: threads, device, switches, bit settings, temperature --------------------------------------------------
+RUN_VALUES = [
+    ({"threads": 0}, "threads=0: must be a positive integer, e.g. threads=2"),
+    ({"threads": -3}, "threads=-3: must be a positive integer"),
+    ({"threads": 2.5}, "threads=2.5: must be a positive integer"),
+    ({"threads": "two"}, "threads='two': must be a positive integer"),
+    ({"threads": True}, "threads=True: must be a positive integer"),
+    ({"device": "tpu9"}, "device='tpu9' is not a device: use device=cpu, device=cuda"),
+    ({"device": "meta"}, "device=meta: runs need cpu, cuda or mps"),
+    ({"compare_fp": "maybe"}, "compare_fp='maybe': must be true or false, e.g. compare_fp=true"),
+    ({"compare_fp": 1}, "compare_fp=1: must be true or false"),
+    ({"save_quantized": "yes please"}, "save_quantized='yes please': must be true or false"),
+]
+
+
+@pytest.mark.parametrize(("values", "message"), RUN_VALUES)
+def test_bad_run_value_is_one_line(values, message):
+    with pytest.raises(ConfigError) as err:
+        check_run_values({"threads": None, "device": "cpu", "compare_fp": True, **values})
+    assert message in str(err.value)
+
+
+def test_good_run_values_pass():
+    check_run_values({"threads": 2, "device": "cpu", "compare_fp": False, "save_quantized": False, "force": False})
+    check_run_values({"threads": None, "device": "auto", "data": {"name": "text", "path": "???"}})
+
+
+QUANT_VALUES = [
+    ({"w_bits": 4.5}, "quantizer.w_bits=4.5: must be an integer bit width 2..16 (16 = full precision), "
+                      "e.g. quantizer.w_bits=4"),
+    ({"a_bits": 8.0}, "quantizer.a_bits=8.0: must be an integer bit width"),
+    ({"kv_bits": "four"}, "quantizer.kv_bits='four': must be an integer bit width"),
+    ({"w_symmetric": "maybe"}, "quantizer.w_symmetric='maybe': must be true or false, e.g. quantizer.w_symmetric=true"),
+    ({"a_symmetric": 1}, "quantizer.a_symmetric=1: must be true or false"),
+    ({"group_size": 64.5}, "quantizer.group_size=64.5: must be an integer"),
+    ({"w_clip_ratio": "high"}, "quantizer.w_clip_ratio='high': must be a number"),
+    ({"w_granularity": 3}, "quantizer.w_granularity=3: must be a string"),
+]
+
+
+@pytest.mark.parametrize(("values", "message"), QUANT_VALUES)
+def test_bad_bit_setting_is_one_line(values, message):
+    with pytest.raises(ConfigError) as err:
+        build("quantizer", {"name": "rtn", **values})
+    assert message in str(err.value)
+
+
+def test_good_bit_settings_pass():
+    assert build("quantizer", {"name": "rtn", "w_bits": 8, "a_bits": 16, "w_clip_ratio": 1}).label == "W8A16"
+
+
+@pytest.mark.parametrize(("decoding", "key", "value"), [("llada", "temperature", -1), ("dream", "temperature", -0.5),
+                                                        ("llada", "temperature", "hot"), ("dream", "alg_temp", -1)])
+def test_negative_temperature_is_one_line(decoding, key, value):
+    with pytest.raises(ConfigError, match=re.escape(f"decoding.{key}={value!r}: a temperature must be a number >= 0")):
+        build("decoding", {"name": decoding, key: value})
+    assert build("decoding", {"name": decoding, key: 0.7}) is not None

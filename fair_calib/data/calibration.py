@@ -130,27 +130,57 @@ def tinyreason_calibration(tokenizer: Any = None, n_samples: int = 128, tasks: S
     return pack_prompt_answer(tokenizer, rows, seq_len, min_eos, eos_in_answer)
 
 
+def _read_text(p: Path) -> str:
+    """The file as UTF-8 text; a binary or otherwise encoded file is one ConfigError naming it."""
+    hint = "point data.path at a UTF-8 .txt or .jsonl corpus (re-encode it with iconv -t UTF-8 if needed)"
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"data.path {str(p)!r} is not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset "
+                          f"{err.start}): {hint}") from err
+    except OSError as err:
+        raise ConfigError(f"data.path {str(p)!r} cannot be read ({err.strerror or err}): {hint}") from err
+    if "\x00" in text:
+        raise ConfigError(f"data.path {str(p)!r} holds NUL bytes, so it is a binary file, not text: {hint}")
+    return text
+
+
 def read_corpus(path: str | Path, text_field: str = "text", max_chars: int | None = None) -> str:
-    """A .txt file as is, or the `text_field` of every .jsonl line joined by blank lines."""
+    """A .txt file as is, or the `text_field` of every .jsonl line joined by blank lines.
+
+    Refused with one line: a missing, binary or non-UTF-8 file, an empty one, a .jsonl line that is not a JSON
+    object or whose `text_field` is missing, null or not a string (named by line number), no non-blank text.
+    """
     p = Path(path).expanduser()
     if not p.is_file():
         raise ConfigError(f"data.path {str(p)!r} does not exist: point data.path at a local .txt or .jsonl file")
+    raw = _read_text(p)
     if p.suffix == ".jsonl":
         parts = []
-        with p.open(encoding="utf-8") as f:
-            for num, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise ConfigError(f"{p}:{num} is not valid JSON ({err.msg})") from err
-                if text_field not in rec:
-                    raise ConfigError(f"{p}:{num} has no {text_field!r} field: set data.text_field")
-                parts.append(str(rec[text_field]))
+        for num, line in enumerate(raw.split("\n"), 1):  # not splitlines: U+2028 may sit inside a string
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ConfigError(f"{p}:{num} is not valid JSON ({err.msg})") from err
+            if not isinstance(rec, dict):
+                raise ConfigError(f"{p}:{num} is a JSON {type(rec).__name__}, not an object with a {text_field!r} "
+                                  "field: write one {\"text\": ...} object per line")
+            if rec.get(text_field) is None:
+                what = "no" if text_field not in rec else "a null"
+                raise ConfigError(f"{p}:{num} has {what} {text_field!r} field: give every line a string "
+                                  f"{text_field!r}, or set data.text_field to the field that holds the text")
+            if not isinstance(rec[text_field], str):
+                raise ConfigError(f"{p}:{num}: field {text_field!r} is a {type(rec[text_field]).__name__}, not a "
+                                  "string: set data.text_field to the field that holds the text")
+            parts.append(rec[text_field])
         text = "\n\n".join(parts)
     else:
-        text = p.read_text(encoding="utf-8")
+        text = raw
+    if not text.strip():
+        what = "is empty" if not raw.strip() else f"has no non-blank {text_field!r} text"
+        raise ConfigError(f"data.path {str(p)!r} {what}: point data.path at a corpus with text in it")
     return text[:max_chars] if max_chars else text
 
 

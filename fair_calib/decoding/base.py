@@ -17,6 +17,13 @@ class DecodingConfigError(ConfigError):
     """Sampler settings that cannot work (e.g. a block length that does not divide the generation length)."""
 
 
+def check_temperature(value: object, key: str = "decoding.temperature") -> None:
+    """A sampling temperature is a number >= 0 (0 = greedy)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+        raise DecodingConfigError(f"{key}={value!r}: a temperature must be a number >= 0 (0 = greedy), "
+                                  f"e.g. {key}=0.0")
+
+
 @dataclass
 class GenerationOutput:
     tokens: Tensor  # (B, G) answer tokens

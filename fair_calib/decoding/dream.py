@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fair_calib.decoding.base import DecodingConfigError, GenerationOutput, Sampler, forward_logits
+from fair_calib.decoding.base import DecodingConfigError, GenerationOutput, Sampler, check_temperature, forward_logits
 from fair_calib.decoding.trace import CommitTrace
 from fair_calib.models.dllm import DiffusionLM
 from fair_calib.registry import register
@@ -70,6 +70,8 @@ class DreamSampler(Sampler):
     eps: float = 1e-3
 
     def __post_init__(self) -> None:
+        check_temperature(self.temperature)
+        check_temperature(self.alg_temp, "decoding.alg_temp")
         if self.alg not in ALGS:
             raise DecodingConfigError(f"alg {self.alg!r} unknown; valid: {', '.join(ALGS)}")
         if self.steps <= 0 or self.gen_length <= 0:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from fair_calib.decoding.base import DecodingConfigError, GenerationOutput, Sampler, forward_logits
+from fair_calib.decoding.base import DecodingConfigError, GenerationOutput, Sampler, check_temperature, forward_logits
 from fair_calib.decoding.trace import CommitTrace
 from fair_calib.models.dllm import DiffusionLM
 from fair_calib.registry import register
@@ -54,6 +54,7 @@ class LLaDASampler(Sampler):
     threshold: float | None = None
 
     def __post_init__(self) -> None:
+        check_temperature(self.temperature)
         self.validate(self.gen_length)
         if self.remasking not in REMASKING:
             raise DecodingConfigError(f"remasking {self.remasking!r} unknown; valid: {', '.join(REMASKING)}")

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from fair_calib.models.dllm import DiffusionLM
-from fair_calib.models.loading import load_dllm
+from fair_calib.models.loading import check_dtype, load_dllm
 from fair_calib.models.validate import check_model_folder, read_config
 from fair_calib.registry import ConfigError, register
 
@@ -29,12 +29,30 @@ def resolve_model_path(path: str) -> Path:
                       f"or one of the shipped models ({', '.join(shipped_models()) or 'none found'})")
 
 
+DEVICE_HINT = "use device=cpu, device=cuda, device=cuda:<index> or device=auto"
+
+
 def resolve_device(device: str) -> torch.device:
+    """`device=` as a torch device: auto, cpu, cuda, cuda:<index> (present on this machine), mps when available."""
+    device = str(device).strip()
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device={device} requested but CUDA is not available: use device=cpu or device=auto")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError) as err:
+        raise ConfigError(f"device={device!r} is not a device: {DEVICE_HINT}") from err
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device={device} requested but CUDA is not available: use device=cpu or device=auto")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"device={device}: this machine has {torch.cuda.device_count()} CUDA device(s) "
+                              f"(cuda:0..cuda:{torch.cuda.device_count() - 1}): {DEVICE_HINT}")
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ConfigError(f"device={device} requested but MPS is not available: use device=cpu or device=auto")
+    elif dev.type != "cpu":
+        raise ConfigError(f"device={device}: runs need cpu, cuda or mps: {DEVICE_HINT}")
+    return dev
 
 
 @register("model", "dllm")
@@ -43,6 +61,7 @@ class HFFolderModel:
 
     def __init__(self, path: str, label: str | None = None, dtype: str = "float32", trust_remote_code: bool = False,
                  family: str | None = None) -> None:
+        check_dtype(dtype)
         self.path = resolve_model_path(path)
         check_model_folder(self.path, trust_remote_code=bool(trust_remote_code))  # headers only, no weights
         raw = read_config(self.path)

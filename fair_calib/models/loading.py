@@ -33,6 +33,12 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
 
+def check_dtype(dtype: str) -> torch.dtype:
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"model.dtype={dtype} unknown; valid: {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
 def load_state_dict(folder: Path) -> dict[str, torch.Tensor]:
     """Every tensor of the folder's safetensors file(s); call `check_model_folder` first (headers and names)."""
     index = folder / INDEX
@@ -66,8 +72,7 @@ def load_dllm(path: str | Path, dtype: str = "float32", device: str | torch.devi
               trust_remote_code: bool = False) -> DiffusionLM:
     """Build the native LLaDA/Dream module tree from `path` and load its weights strictly."""
     folder = Path(path)
-    if dtype not in DTYPES:
-        raise ModelLoadError(f"model.dtype={dtype} unknown; valid: {', '.join(DTYPES)}")
+    check_dtype(dtype)
     raw = read_config(folder)
     model_type = str(raw.get("model_type", "")).lower()
     if model_type not in NATIVE_TYPES:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import struct
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -227,3 +228,28 @@ def check_model_folder(path: str | Path, trust_remote_code: bool = False) -> Non
         return
     cfg = architecture(raw, folder / "config.json")
     compare_tensors(folder, cfg.family, weight_headers(folder), expected_tensors(raw, cfg))
+
+
+# ---- the run's top-level values ---------------------------------------------------------------------------------
+RUN_SWITCHES = ("compare_fp", "save_quantized", "force")
+
+
+def check_run_values(cfg: Mapping[str, Any]) -> None:
+    """The top-level values of a run, before anything is built: `threads` a positive integer (or null), `device` one
+    this machine has, the switches booleans, and data=text's corpus readable text (read once here, not after the
+    model has loaded). `cfg` is the resolved config as plain containers."""
+    from fair_calib.models.hf_folder import resolve_device
+
+    threads = cfg.get("threads")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ConfigError(f"threads={threads!r}: must be a positive integer, e.g. threads=2 "
+                          "(or threads=null for torch's default)")
+    resolve_device(str(cfg.get("device", "auto")))
+    for key in RUN_SWITCHES:
+        if key in cfg and not isinstance(cfg[key], bool):
+            raise ConfigError(f"{key}={cfg[key]!r}: must be true or false, e.g. {key}=true")
+    data = cfg.get("data") or {}
+    if data.get("name") == "text" and data.get("path") not in (None, "???"):
+        from fair_calib.data.calibration import read_corpus
+
+        read_corpus(data["path"], str(data.get("text_field", "text")), data.get("max_chars"))

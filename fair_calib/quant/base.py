@@ -36,6 +36,8 @@ class BitSettings:
     w_clip_ratio: float = 1.0
 
     def __post_init__(self) -> None:
+        for name, f in self.__dataclass_fields__.items():
+            check_type(f"quantizer.{name}", getattr(self, name), str(f.type), f.default)
         try:
             self.weight_spec()
             self.act_spec()
@@ -60,6 +62,22 @@ class BitSettings:
         g = f"-g{self.group_size}" if self.w_granularity == "group" and self.w_bits < 16 else ""
         kv = f"KV{self.kv_bits}" if self.kv_bits < 16 else ""
         return f"W{self.w_bits}A{self.a_bits}{kv}{g}"
+
+
+_KINDS = {"bool": "true or false", "int": "an integer", "float": "a number", "str": "a string"}
+
+
+def check_type(key: str, value: Any, kind: str, example: Any) -> None:
+    """A config value of the declared kind (YAML gives `maybe` as a string and `4.5` as a float: both refused).
+    Booleans are not integers here, and an integer is a fine float."""
+    ok = {"bool": isinstance(value, bool),
+          "int": isinstance(value, int) and not isinstance(value, bool),
+          "float": isinstance(value, int | float) and not isinstance(value, bool),
+          "str": isinstance(value, str)}.get(kind, True)
+    if not ok:
+        shown = str(example).lower() if isinstance(example, bool) else example
+        what = "an integer bit width 2..16 (16 = full precision)" if key.endswith("_bits") else _KINDS[kind]
+        raise ConfigError(f"{key}={value!r}: must be {what}, e.g. {key}={shown}")
 
 
 class Quantizer(ABC):
