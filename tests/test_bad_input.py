@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import signal
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -312,3 +315,47 @@ def test_negative_temperature_is_one_line(decoding, key, value):
     with pytest.raises(ConfigError, match=re.escape(f"decoding.{key}={value!r}: a temperature must be a number >= 0")):
         build("decoding", {"name": decoding, key: value})
     assert build("decoding", {"name": decoding, key: 0.7}) is not None
+
+
+# ---- the command line: exit 2, one `error:` line with the fix, no traceback, no results.json -------------------------
+def _cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "FAIR_CALIB_CACHE": str(cwd / "cache"), "WANDB_MODE": "offline", "WANDB_SILENT": "true",
+           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    return subprocess.run([sys.executable, "-m", "fair_calib", "experiment=none", "method=rtn", "logger=none",
+                           "hydra.run.dir=run", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _binary_corpus(tmp: Path) -> str:
+    path = tmp / "корпус café.txt"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff")
+    return f"data.path='{path}'"  # quoted: Hydra's override grammar takes non-ASCII characters only inside quotes
+
+
+CLI_CASES = {
+    "truncated_safetensors": (lambda tmp, good: f"model.path={_broken(tmp, good, _truncate)}",
+                              "truncated or padded): the file is damaged or incompletely downloaded: re-download it"),
+    "pickle_only": (lambda tmp, good: f"model.path={_broken(tmp, good, _pickle_only)}",
+                    "this folder holds only pickle weights (pytorch_model.bin); convert it to safetensors"),
+    "threads_zero": (lambda tmp, good: "threads=0", "threads=0: must be a positive integer, e.g. threads=2"),
+    "fractional_bits": (lambda tmp, good: "quantizer.w_bits=4.5", "quantizer.w_bits=4.5: must be an integer bit width"),
+    "compare_fp_maybe": (lambda tmp, good: "compare_fp=maybe", "compare_fp='maybe': must be true or false"),
+    "binary_corpus": (lambda tmp, good: ["data=text", _binary_corpus(tmp)], "корпус café.txt' is not UTF-8 text"),
+}
+
+
+def _broken(tmp: Path, good: Path, breaker) -> Path:
+    folder = _copy(good, tmp / "broken")
+    breaker(folder)
+    return folder
+
+
+@pytest.mark.parametrize("case", list(CLI_CASES))
+def test_cli_bad_input_is_one_line_and_exit_2(case, good_folder, tmp_path):
+    make_args, message = CLI_CASES[case]
+    args = make_args(tmp_path, good_folder)
+    proc = _cli(args if isinstance(args, list) else [args], tmp_path)
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.startswith("error:")]
+    assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert not (tmp_path / "run" / "results.json").exists()
