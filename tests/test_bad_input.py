@@ -258,6 +258,21 @@ def test_non_ascii_calibration_path_is_accepted(tmp_path, char_tokenizer):
     assert calib.input_ids.shape == (3, 8) and len(calib.prompts) == 3
 
 
+@pytest.mark.parametrize(("data", "message"), [
+    ({"name": "text", "path": "c.txt", "n_samples": "abc"},
+     "data.n_samples='abc': must be an integer >= 1, e.g. data.n_samples=8"),
+    ({"name": "text", "path": "c.txt", "n_samples": 0}, "data.n_samples=0: must be an integer >= 1"),
+    ({"name": "text", "path": "c.txt", "seq_len": 2.5}, "data.seq_len=2.5: must be an integer >= 2"),
+    ({"name": "tinyreason", "n_samples": 1.5}, "data.n_samples=1.5: must be an integer >= 1"),
+])
+def test_bad_calibration_count_is_one_line(data, message, tmp_path, char_tokenizer):
+    (tmp_path / "c.txt").write_text("some text " * 20)
+    if "path" in data:
+        data = {**data, "path": str(tmp_path / data["path"])}
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        build("data", data, tokenizer=char_tokenizer)
+
+
 # ---- values: threads, device, switches, bit settings, temperature --------------------------------------------------
 RUN_VALUES = [
     ({"threads": 0}, "threads=0: must be a positive integer, e.g. threads=2"),

@@ -72,6 +72,12 @@ def _check_tokenizer(tokenizer: Any, builder: str) -> None:
         raise ConfigError(f"data={builder} needs the model's tokenizer: call build('data', cfg, tokenizer=tok)")
 
 
+def _check_count(key: str, value: Any, least: int) -> None:
+    """A count from the config (data.n_samples, data.seq_len) is an integer >= `least`."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise ConfigError(f"data.{key}={value!r}: must be an integer >= {least}, e.g. data.{key}={max(least, 8)}")
+
+
 def _encode(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer.encode(text, add_special_tokens=False))
 
@@ -114,8 +120,9 @@ def tinyreason_calibration(tokenizer: Any = None, n_samples: int = 128, tasks: S
                            min_eos: int = 1, eos_in_answer: bool = True) -> CalibrationSet:
     """The tinyreason calibration split, tasks interleaved round-robin, each row prompt + reference answer + eos."""
     _check_tokenizer(tokenizer, "tinyreason")
-    if int(n_samples) < 1:
-        raise ConfigError(f"data.n_samples must be >= 1, got {n_samples}")
+    _check_count("n_samples", n_samples, 1)
+    if seq_len is not None:
+        _check_count("seq_len", seq_len, 2)
     tasks = list(tasks)
     unknown = [t for t in tasks if t not in TASKS]
     if not tasks or unknown:
@@ -196,8 +203,8 @@ def text_calibration(tokenizer: Any = None, path: str | None = None, n_samples: 
     _check_tokenizer(tokenizer, "text")
     if path is None:
         raise ConfigError("data=text needs data.path: a local .txt or .jsonl file")
-    if int(n_samples) < 1 or int(seq_len) < 2:
-        raise ConfigError(f"data.n_samples must be >= 1 and data.seq_len >= 2, got {n_samples} and {seq_len}")
+    _check_count("n_samples", n_samples, 1)
+    _check_count("seq_len", seq_len, 2)
     ids = torch.tensor(_encode(tokenizer, read_corpus(path, text_field, max_chars)), dtype=torch.long)
     if ids.numel() < seq_len:
         raise ConfigError(f"data.path {path} has {ids.numel()} tokens, fewer than data.seq_len={seq_len}: "

@@ -3,6 +3,7 @@
 Reads only JSON (config.json, the shard index) and safetensors headers (8-byte little-endian length,
 then a JSON table of name -> dtype, shape, data_offsets); tensors are never read. The expected tensor
 names and shapes come from the model skeleton built on the meta device, the same one `load_dllm` fills.
+`check_run_values` does the same for a run's top-level values (threads, device, switches, data=text's corpus).
 """
 
 from __future__ import annotations
