@@ -36,7 +36,7 @@ DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2
 INDEX = "model.safetensors.index.json"
 PICKLE_HINT = ("convert it to safetensors with `python -c \"import torch; from safetensors.torch import save_file; "
                "save_file(torch.load('pytorch_model.bin', weights_only=True), 'model.safetensors')\"` "
-               "in a folder you trust — pickles are not loaded for safety")
+               "(only for a file you trust) — pickles are not loaded for safety")
 
 
 class ModelLoadError(ConfigError):
@@ -67,7 +67,7 @@ def read_config(path: str | Path) -> dict[str, Any]:
     raw = _read_json(cfg_file, "model config")
     if not isinstance(raw, dict):
         raise ModelLoadError(f"{cfg_file} holds a JSON {type(raw).__name__}, not an object: a model config.json "
-                             "is one {{...}} of architecture keys; fix or re-download it")
+                             "is one {...} of architecture keys; fix or re-download it")
     return raw
 
 
