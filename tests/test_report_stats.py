@@ -145,6 +145,7 @@ def test_report_groups_seeds_and_compares_against_the_reference_row(tmp_path):
     md = files["markdown"].read_text()
     assert "| FAIR-Calib W4A4 | **91.0 ±1.0 [" in md and "paired bootstrap against the reference row" in md
     assert r"$\pm$" in files["latex"].read_text()
+    assert table.notes[-1] == "threads: not recorded"
     # another reference on request; a reference that no run has is one line, exit 2, nothing written
     (t2,) = dict(build_report(collect_runs([root]), tmp_path / "o2", {"FAIR-Calib": "RTN"})[0].sections)["Accuracy"]
     assert dict(t2.rows)["FAIR-Calib W4A4"][4] == "RTN"

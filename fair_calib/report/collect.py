@@ -31,6 +31,7 @@ class RunRecord:
     headline: dict[str, str] = field(default_factory=dict)  # task -> headline metric key (results.json)
     scores: dict[str, dict[str, dict[str, list[float]]]] = field(default_factory=dict)  # column -> task -> key -> docs
     seed: int = 0
+    threads: int | None = None  # torch intra-op threads of the run: Stage II's bits can depend on it
     config_key: str = ""  # hash of the resolved config without seeds and volatile keys: the seeds of one row share it
     summary: dict[str, float] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
@@ -66,6 +67,7 @@ def _record(path: Path, data: dict[str, Any]) -> RunRecord:
     rec.headline = data.get("headline") or {}
     rec.scores = data.get("scores") or {}
     rec.seed = int(run.get("seed", config.get("seed", 0)) or 0)
+    rec.threads = run.get("threads")
     rec.config_key = run_key(config, ignore=frozenset({"seed"})) if config else str(path.parent)
     rec.summary = data.get("summary") or {}
     rec.timings = data.get("timings") or {}

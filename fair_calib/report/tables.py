@@ -254,6 +254,17 @@ def _note(metric: Metric, any_seeds: bool, compared: bool) -> list[str]:
     return notes
 
 
+def _threads_note(runs: Sequence[RunRecord]) -> str:
+    """Which torch thread counts the runs used: calibration bits can differ between thread counts."""
+    counts = sorted({r.threads for r in runs if r.threads is not None})
+    if not counts:
+        return "threads: not recorded"
+    if len(counts) == 1:
+        return f"threads: {counts[0]} in every run"
+    return (f"threads: mixed ({', '.join(map(str, counts))}); calibration results can differ between thread "
+            "counts, rerun with one threads= value to compare bit for bit")
+
+
 def _table(title: str, name: str, rows: Sequence[Row], tasks: list[str], metric: Metric,
            refs: dict[str, str] | None, explicit: set[str], model: str, fixed_ref: str | None = None) -> Table:
     table = Table(title, [name] + [task_label(t) for t in tasks] + ["Avg", "n"], digits=metric.digits)
@@ -292,7 +303,9 @@ def method_tables(records: Sequence[RunRecord], metric: Metric = ACCURACY,
         present = [rows[label] for label in sorted(rows, key=_method_rank) if rows[label].tasks]
         if not present:
             continue
-        tables.append(_table(f"{model}: {metric.title}", "method", present, tasks, metric, refs, explicit, model))
+        table = _table(f"{model}: {metric.title}", "method", present, tasks, metric, refs, explicit, model)
+        table.notes.append(_threads_note(runs))
+        tables.append(table)
     return tables
 
 
