@@ -55,6 +55,15 @@ def _record_failure(run_dir: Path, err: BaseException, config_hash: str | None) 
 _FAILURE: list[BaseException] = []  # a single run's exception, raised again after Hydra has returned
 
 
+class _StopSweep(BaseException):
+    """Carries an interrupt past Hydra's job runner, which catches every Exception of a job and would go on
+    with the next job of a sweep; a BaseException ends the sweep (the interrupted folder is marked first)."""
+
+    def __init__(self, err: BaseException) -> None:
+        super().__init__(str(err))
+        self.err = err
+
+
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def _app(cfg: DictConfig) -> float | None:
     from fair_calib.pipeline import Pipeline
@@ -69,7 +78,7 @@ def _app(cfg: DictConfig) -> float | None:
         results = pipeline.run()
     except (Interrupted, KeyboardInterrupt) as err:  # the folder is marked; the sweep stops
         _record_failure(run_dir, err, pipeline.config_hash if pipeline else None)
-        raise
+        raise _StopSweep(err) from err
     except ConfigError as err:  # bad input: nothing was computed, nothing is left in a single run
         if not multirun:
             _FAILURE.append(err)
@@ -106,6 +115,8 @@ def run(argv: list[str] | None = None) -> int:
             _app()
             if _FAILURE:
                 raise _FAILURE.pop()
+    except _StopSweep as stop:
+        return report(stop.err, full=wanted)
     except SystemExit as err:
         return err.code if isinstance(err.code, int) else (0 if err.code is None else 2)
     except (FairCalibError, HydraException, OmegaConfBaseException, KeyboardInterrupt) as err:

@@ -183,3 +183,29 @@ def test_cold_and_warm_caches_give_identical_results(model_dir, tmp_path):
     assert untimed({k: v for k, v in a["summary"].items() if k not in volatile}) == \
         untimed({k: v for k, v in b["summary"].items() if k not in volatile})
     assert b["summary"]["diag/teacher_cache_hit"] == 1.0
+
+
+def test_sigterm_stops_a_sweep_and_marks_the_interrupted_job(model_dir, tmp_path):
+    """Hydra's job runner catches a job's exceptions and goes on; an interrupt must end the whole sweep."""
+    import signal
+    import time
+
+    env = {**os.environ, "FAIR_CALIB_CACHE": str(tmp_path / "cache"), "WANDB_MODE": "offline",
+           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    args = ["-m", "logger=none", *RTN, "hydra.sweep.dir=sweep", f"model.path={model_dir}", "quantizer.w_bits=4,5,6,8",
+            "benchmark.n={addition:200,word_problems:100,compare:200}", "benchmark.mc_num=2",
+            "benchmark.show_progress=false", "diagnostics.enabled=false", "threads=1"]
+    proc = subprocess.Popen([sys.executable, "-m", "fair_calib", *args], cwd=tmp_path, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    while not list((tmp_path / "sweep").glob("0_*/config.yaml")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 143, err[-2000:]
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == "interrupted by SIGTERM"
+    found = (tmp_path / "sweep").glob("*/results.json")
+    status = {p.parent.name[0]: json.loads(p.read_text())["status"] for p in found}
+    assert list(status.values()).count("interrupted") == 1 and len(status) < 4  # the later jobs never started
+    stopped = next(k for k, v in status.items() if v == "interrupted")
+    assert not [p for p in (tmp_path / "sweep").iterdir() if p.is_dir() and p.name[0] > stopped]
