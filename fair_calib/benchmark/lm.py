@@ -21,6 +21,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import math
@@ -69,38 +70,69 @@ def guided_logits(model: DiffusionLM, x: Tensor, prompt_len: int, cfg_scale: flo
     return un + (cfg_scale + 1) * (cond - un)
 
 
+def mc_masks(target_len: int, mc_num: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """The distinct masks of one estimate and how often each was drawn: ((u, L) bool, (u,) float).
+
+    All `mc_num` masks are drawn up front (counts stratified over the whole set), so the estimate
+    does not depend on how sequences are batched. Identical masks (frequent for short continuations)
+    are run once and counted with their multiplicity: same estimate, fewer forwards.
+    """
+    masks = random_masks(stratified_mask_counts(target_len, mc_num, generator), target_len, generator)
+    unique, inverse = torch.unique(masks, dim=0, return_inverse=True)
+    return unique, torch.bincount(inverse, minlength=len(unique)).float()
+
+
 @torch.no_grad()
+def mc_loglikelihoods(model: DiffusionLM, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], mc_num: int = 16,
+                      batch_size: int = 16, generators: Sequence[torch.Generator | None] | None = None,
+                      cfg_scale: float = 0.0, progress: bool = False, desc: str = "loglikelihood (MC)") -> list[float]:
+    """Monte Carlo estimates of log p(continuation | context) for many (context, continuation) pairs.
+
+    Each pair draws its masks from its own generator (`mc_masks`); the masked sequences of all pairs
+    are then grouped by (context length, continuation length), so a forward pass holds up to
+    `batch_size` sequences of one shape from any pairs (no padding: attention is bidirectional).
+    Per sequence j of a pair: sum_{i masked} CE_i / (m_j / L), times its multiplicity; the estimate is
+    minus the mean over the pair's `mc_num` draws (accumulated in float64, in a fixed order).
+    """
+    if mc_num <= 0 or batch_size <= 0:
+        raise ConfigError(f"mc_num and the MC batch size must be positive, got {mc_num} and {batch_size}")
+    generators = list(generators) if generators is not None else [None] * len(pairs)
+    rows: dict[tuple[int, int], list[tuple[int, Tensor, Tensor, float]]] = {}
+    for k, ((context, continuation), gen) in enumerate(zip(pairs, generators, strict=True)):
+        if not continuation:
+            continue
+        seq = torch.tensor(list(context) + list(continuation), dtype=torch.long)
+        unique, multiplicity = mc_masks(len(continuation), mc_num, gen)
+        shape = (len(context), len(continuation))
+        rows.setdefault(shape, []).extend((k, seq, m, float(w)) for m, w in zip(unique, multiplicity))
+    totals = torch.zeros(len(pairs), dtype=torch.float64)
+    device = model.device
+    bar = tqdm(total=sum(map(len, rows.values())), desc=desc, disable=not progress, mininterval=2, unit="seq")
+    try:
+        for (p, length), group in sorted(rows.items()):
+            for lo in range(0, len(group), batch_size):
+                chunk = group[lo: lo + batch_size]
+                seq = torch.stack([r[1] for r in chunk]).to(device)
+                m = torch.stack([r[2] for r in chunk]).to(device)
+                x = seq.clone()
+                x[:, p:] = torch.where(m, model.mask_id, seq[:, p:])
+                logits = guided_logits(model, x, p, cfg_scale)[:, p:].float()
+                ce = F.cross_entropy(logits.transpose(1, 2), seq[:, p:], reduction="none")  # (b, L)
+                ratio = m.sum(1).float() / length  # mask ratio m_j / L of each sequence
+                weight = torch.tensor([r[3] for r in chunk], device=device)
+                terms = (weight * (ce * m).sum(1) / ratio).double().cpu()
+                totals.index_add_(0, torch.tensor([r[0] for r in chunk]), terms)
+                bar.update(len(chunk))
+    finally:
+        bar.close()
+    return (-totals / mc_num).tolist()
+
+
 def mc_loglikelihood(model: DiffusionLM, context: Sequence[int], continuation: Sequence[int], mc_num: int = 16,
                      mc_batch_size: int = 16, generator: torch.Generator | None = None,
                      cfg_scale: float = 0.0) -> float:
-    """Monte Carlo estimate of log p(continuation | context); the context is never masked.
-
-    All `mc_num` masks are drawn up front (counts stratified over the whole set), so the number
-    does not depend on `mc_batch_size`, which only sets how many sequences share a forward pass.
-    Identical masked sequences (frequent for short continuations) are run once and counted with
-    their multiplicity: same estimate, fewer forwards.
-    """
-    if not continuation:
-        return 0.0
-    p, length = len(context), len(continuation)
-    seq = torch.tensor(list(context) + list(continuation), dtype=torch.long)
-    counts = stratified_mask_counts(length, mc_num, generator)
-    masks = random_masks(counts, length, generator)
-    unique, inverse = torch.unique(masks, dim=0, return_inverse=True)
-    multiplicity = torch.bincount(inverse, minlength=len(unique)).float()
-    device = model.device
-    target = seq[p:].to(device)
-    total = 0.0
-    for lo in range(0, len(unique), mc_batch_size):
-        m = unique[lo: lo + mc_batch_size].to(device)
-        x = seq.to(device).repeat(len(m), 1)
-        x[:, p:] = torch.where(m, model.mask_id, x[:, p:])
-        logits = guided_logits(model, x, p, cfg_scale)[:, p:].float()
-        ce = F.cross_entropy(logits.transpose(1, 2), target.expand(len(m), -1), reduction="none")  # (b, L)
-        ratio = m.sum(1).float() / length  # mask ratio m_j / L of each sequence
-        weight = multiplicity[lo: lo + mc_batch_size].to(device)
-        total += (weight * (ce * m).sum(1) / ratio).sum().item()
-    return -total / mc_num
+    """Monte Carlo estimate of log p(continuation | context); the context is never masked (`mc_loglikelihoods`)."""
+    return mc_loglikelihoods(model, [(context, continuation)], mc_num, mc_batch_size, [generator], cfg_scale)[0]
 
 
 @torch.no_grad()
@@ -261,46 +293,54 @@ class DiffusionEvalLM(LM):
 
     # ---- lm-eval API ------------------------------------------------------------------------
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
-        """(log p(continuation | context), is_greedy) per request; is_greedy is False unless `check_greedy`."""
-        out = []
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            for req in tqdm(requests, desc="loglikelihood (MC)", disable=disable_tqdm or not self.show_progress,
-                            mininterval=2):
-                context, continuation = req.args
-                ctx, cont = self.encode_pair(context, continuation)
-                overflow = len(ctx) + len(cont) - self.max_length
-                if overflow > 0:
-                    ctx = ctx[overflow:]
-                gen = torch.Generator().manual_seed(request_seed(self.seed, ctx, cont))
-                ll = mc_loglikelihood(self.model, ctx, cont, self.mc_num, self.mc_batch_size, gen, self.cfg_scale)
-                greedy = self.check_greedy and greedy_unmask(self.model, ctx, len(cont), self.cfg_scale) == cont
-                out.append((ll, greedy))
-                self.cache_hook.add_partial("loglikelihood", (context, continuation), (ll, greedy))
-        finally:
-            self.model.train(was_training)
+        """(log p(continuation | context), is_greedy) per request; is_greedy is False unless `check_greedy`.
+
+        The masked sequences of all requests share forward passes (`mc_loglikelihoods`, `mc_batch_size`
+        sequences each); every request draws its masks from a generator seeded by the run seed and
+        its own tokens, so its estimate depends neither on request order nor on the other requests.
+        """
+        pairs = []
+        for req in requests:
+            ctx, cont = self.encode_pair(*req.args)
+            overflow = len(ctx) + len(cont) - self.max_length
+            pairs.append((ctx[overflow:] if overflow > 0 else ctx, cont))
+        with self._eval_mode():
+            lls = self._estimate(pairs, disable_tqdm, "loglikelihood (MC)")
+            out = [(ll, self.check_greedy and greedy_unmask(self.model, ctx, len(cont), self.cfg_scale) == cont)
+                   for ll, (ctx, cont) in zip(lls, pairs)]
+        for req, result in zip(requests, out):
+            self.cache_hook.add_partial("loglikelihood", tuple(req.args), result)
         return out
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         """log p(text) per request: the Monte Carlo estimate summed over `rolling_windows` of the whole text."""
-        out = []
+        pairs, owner = [], []
+        for k, req in enumerate(requests):
+            for ctx, window in rolling_windows(self.encode(req.args[0]), self.rolling_window, self.rolling_context):
+                pairs.append((ctx, window))
+                owner.append(k)
+        with self._eval_mode():
+            lls = self._estimate(pairs, disable_tqdm, "loglikelihood_rolling (MC)")
+        out = [0.0] * len(requests)
+        for k, ll in zip(owner, lls):
+            out[k] += ll
+        for req, total in zip(requests, out):
+            self.cache_hook.add_partial("loglikelihood_rolling", (req.args[0],), total)
+        return out
+
+    def _estimate(self, pairs: list[tuple[list[int], list[int]]], disable_tqdm: bool, desc: str) -> list[float]:
+        gens = [torch.Generator().manual_seed(request_seed(self.seed, ctx, cont)) for ctx, cont in pairs]
+        return mc_loglikelihoods(self.model, pairs, self.mc_num, self.mc_batch_size, gens, self.cfg_scale,
+                                 progress=self.show_progress and not disable_tqdm, desc=desc)
+
+    @contextlib.contextmanager
+    def _eval_mode(self):
         was_training = self.model.training
         self.model.eval()
         try:
-            for req in tqdm(requests, desc="loglikelihood_rolling (MC)",
-                            disable=disable_tqdm or not self.show_progress, mininterval=2):
-                (text,) = req.args[:1]
-                total = 0.0
-                for ctx, window in rolling_windows(self.encode(text), self.rolling_window, self.rolling_context):
-                    gen = torch.Generator().manual_seed(request_seed(self.seed, ctx, window))
-                    total += mc_loglikelihood(self.model, ctx, window, self.mc_num, self.mc_batch_size, gen,
-                                              self.cfg_scale)
-                out.append(total)
-                self.cache_hook.add_partial("loglikelihood_rolling", (text,), total)
+            yield
         finally:
             self.model.train(was_training)
-        return out
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """Batched sampler decoding, batches grouped by generation and prompt length; outputs in request order."""
@@ -312,10 +352,8 @@ class DiffusionEvalLM(LM):
             groups.setdefault(max_new, []).append(i)
         tok, cfg = self.tokenizer, self.model.config
         gen = torch.Generator(device=self.model.device).manual_seed(self.seed)
-        was_training = self.model.training
-        self.model.eval()
         bar = tqdm(total=len(requests), desc="generate", disable=disable_tqdm or not self.show_progress, mininterval=2)
-        try:
+        with self._eval_mode(), bar:
             for max_new, idx in groups.items():
                 sampler, g = fit_sampler(self.sampler, max_new)
                 encoded = {i: self.encode(requests[i].args[0])[-max(1, self.max_length - g):] for i in idx}
@@ -330,9 +368,6 @@ class DiffusionEvalLM(LM):
                         results[i] = text
                         self.cache_hook.add_partial("generate_until", (context, kwargs), text)
                     bar.update(len(chunk))
-        finally:
-            bar.close()
-            self.model.train(was_training)
         return results
 
     def get_model_info(self) -> dict[str, Any]:
