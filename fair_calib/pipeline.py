@@ -120,11 +120,13 @@ def run_key(plain: dict[str, Any], ignore: frozenset[str] = frozenset()) -> str:
     return stable_hash(strip(plain))
 
 
-def check_seed(seed: Any) -> int:
-    """The run's calibration seed as a non-negative int, or a ConfigError saying what to pass."""
+def check_seed(seed: Any, key: str = "seed") -> int:
+    """A seed (`seed`: calibration, `eval_seed`: evaluation) as a non-negative int, or a ConfigError saying
+    what to pass."""
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ConfigError(f"seed={seed!r}: the seed must be a non-negative integer, e.g. seed=0 (sweep several "
-                          "with seed=0,1,2, or seeds=3 in a named experiment)")
+        hint = ("sweep several with seed=0,1,2, or seeds=3 in a named experiment" if key == "seed"
+                else "keep it fixed across a sweep so every method is scored on the same random draws")
+        raise ConfigError(f"{key}={seed!r}: the seed must be a non-negative integer, e.g. {key}=0 ({hint})")
     return seed
 
 
@@ -149,6 +151,7 @@ class Pipeline:
         self.group = group if group is not None else cfg.get("group")
         self.config_hash = run_key(self.plain)
         self.seed = check_seed(cfg.get("seed"))
+        self.eval_seed = check_seed(cfg.get("eval_seed", 0), key="eval_seed")
         check_run_values(self.plain)  # threads, device, boolean switches, data=text's corpus: before any weights
         # build (and thereby validate) everything before loading weights
         self.device = resolve_device(str(cfg.device))
@@ -208,7 +211,7 @@ class Pipeline:
 
     def _evaluate(self, model, tag: str) -> tuple[dict[str, dict[str, float]], Scores]:
         """(metrics, per-document scores) of one model; the per-sample records go to samples/<tag>.json."""
-        metrics = self.benchmark.evaluate(model, self.sampler, seed=self.seed)
+        metrics = self.benchmark.evaluate(model, self.sampler, seed=self.eval_seed)
         samples = getattr(self.benchmark, "last_samples", None) or {}
         if samples:
             write_json_atomic(self.run_dir / "samples" / f"{tag}.json", samples)
@@ -221,22 +224,27 @@ class Pipeline:
     def _evaluate_cached(self, label: str, fp_model, method: dict | None,
                          build_model=None) -> dict[str, dict[str, float]]:
         """FP and calibration-free baselines give the same numbers in every job of a sweep: cache them
-        (metrics and per-document scores) by (FP weights, method config, benchmark, decoding, seed)."""
+        (metrics and per-document scores) by (FP weights, method config, benchmark, decoding, eval_seed): the
+        calibration seed does not enter, so a seed sweep evaluates FP and RTN once per model."""
         key = stable_hash({"weights": state_dict_hash(fp_model), "method": method,
                            "benchmark": self.plain["benchmark"], "decoding": self.plain["decoding"],
-                           "seed": self.plain["seed"], "format": 2})
+                           "eval_seed": self.eval_seed, "format": 3})
         path = Path(self.cfg.cache_dir) / "eval" / f"{key}.json"
+        tag = (method or {}).get("name", "fp")
         if path.is_file() and not self.cfg.get("force", False):
             try:
                 cached = json.loads(path.read_text())
                 metrics, self.scores[label] = cached["metrics"], cached["scores"]
-                log.info("evaluation cache hit (%s): %s", (method or {}).get("name", "fp"), path)
+                if cached.get("samples"):  # the folder holds the same files whether the cache was cold or warm
+                    write_json_atomic(self.run_dir / "samples" / f"{tag}.json", cached["samples"])
+                log.info("evaluation cache hit (%s): %s", tag, path)
                 return metrics
             except (OSError, ValueError, KeyError, TypeError):
                 log.warning("evaluation cache entry %s is unreadable; evaluating again", path)
-        tag = (method or {}).get("name", "fp")
         metrics = self._evaluate_column(label, build_model() if build_model else fp_model, tag)
-        write_json_atomic(path, {"metrics": metrics, "scores": self.scores[label], "method": method})
+        samples = getattr(self.benchmark, "last_samples", None) or {}
+        write_json_atomic(path, {"metrics": metrics, "scores": self.scores[label], "method": method,
+                                 "samples": samples})
         return metrics
 
     def _quantized_copy(self, fp, quantizer, calib, token_weights):
@@ -331,8 +339,13 @@ class Pipeline:
                                **{k: v for k, v in self.plain["diagnostics"].items() if k != "enabled"})
 
         if not is_fp or not cfg.compare_fp:
-            metrics[self.method_label] = self._timed("eval_quant_s", self._evaluate_column, self.method_label, qmodel,
-                                                     str(cfg.quantizer.name))
+            if self.quantizer.requires_calibration:
+                metrics[self.method_label] = self._timed("eval_quant_s", self._evaluate_column, self.method_label,
+                                                         qmodel, str(cfg.quantizer.name))
+            else:  # calibration-free (FP, RTN, QuaRot-RTN): the same weights for every seed, evaluated once
+                metrics[self.method_label] = self._timed("eval_quant_s", self._evaluate_cached, self.method_label,
+                                                         fp, None if is_fp else self.plain["quantizer"],
+                                                         lambda: qmodel)
         if cfg.get("save_quantized") and not is_fp:
             from fair_calib.export import save_quantized
 
@@ -377,7 +390,8 @@ class Pipeline:
                     "method_name": (self.plain.get("method") or {}).get("name", "custom"),
                     "prior": self.cfg.prior.name, "weighting": self.cfg.weighting.name,
                     "experiment": self.cfg.get("experiment_name"), "group": self.group,
-                    "seed": self.seed, "config_hash": self.config_hash, "threads": torch.get_num_threads()},
+                    "seed": self.seed, "eval_seed": self.eval_seed, "config_hash": self.config_hash,
+                    "threads": torch.get_num_threads()},
             "choices": self.choices,
             "config": self.plain,
             "headline": headline,

@@ -87,6 +87,35 @@ def test_fp_evaluation_is_cached_across_runs(model_dir, tmp_path):
     assert a == b
 
 
+def test_calibration_seeds_share_the_evaluation_draws(model_dir, tmp_path):
+    """`seed` is the calibration seed only: at a fixed `eval_seed` a calibration-free method gives the same
+    weights and the same Monte Carlo draws for every seed, so seed 1 reuses seed 0's FP and RTN evaluation
+    and its folder holds the same scores and samples; another eval_seed is a new evaluation."""
+    args = [f"model.path={model_dir}", "logger=none", *RTN, *SMALL_BENCH, "diagnostics.enabled=false"]
+    runs = {name: run_cli([*args, f"hydra.run.dir={name}", *extra], tmp_path, tmp_path / "cache")
+            for name, extra in [("s0", ["seed=0"]), ("s1", ["seed=1"]), ("e1", ["seed=0", "eval_seed=1"])]}
+    assert all(p.returncode == 0 for p in runs.values()), runs["e1"].stderr[-2000:]
+    out = runs["s1"].stderr + runs["s1"].stdout
+    assert "evaluation cache hit (fp)" in out and "evaluation cache hit (rtn)" in out
+    e1 = runs["e1"].stderr + runs["e1"].stdout
+    assert "evaluation cache hit" not in e1
+    s0, s1, other = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("s0", "s1", "e1"))
+    assert s0["run"]["seed"] == 0 and s1["run"]["seed"] == 1 and other["run"]["eval_seed"] == 1
+    assert s0["metrics"] == s1["metrics"] and s0["scores"] == s1["scores"]
+    for tag in ("fp", "rtn"):
+        assert (tmp_path / "s0" / "samples" / f"{tag}.json").read_bytes() == \
+            (tmp_path / "s1" / "samples" / f"{tag}.json").read_bytes()
+    # the MC masks of answer_ll follow eval_seed: another seed gives other (finite) log-likelihoods
+    ll = lambda r: [v for t, m in r["metrics"]["RTN W4A4"].items() for k, v in m.items() if k == "answer_ll"]  # noqa: E731
+    assert ll(other) != ll(s0)
+
+
+def test_eval_seed_must_be_a_non_negative_int(model_dir, tmp_path):
+    proc = run_cli([f"model.path={model_dir}", "logger=none", *RTN, "eval_seed=-1"], tmp_path, tmp_path / "cache")
+    lines = [x for x in proc.stderr.splitlines() if x.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and "eval_seed=-1" in lines[0] and "Traceback" not in proc.stderr
+
+
 def test_multirun_runs_each_job_resumes_and_records_failures(model_dir, tmp_path):
     broken = tmp_path / "broken"
     broken.mkdir()
