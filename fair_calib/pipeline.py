@@ -21,6 +21,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from fair_calib import CONF_DIR, stats
+from fair_calib.benchmark.families import FAMILY_DEFAULTS
 from fair_calib.benchmark.scores import task_scores
 from fair_calib.models.hf_folder import resolve_device
 from fair_calib.models.validate import check_run_values
@@ -166,6 +167,8 @@ class Pipeline:
         self.weighting = build("weighting", cfg.weighting)
         self.logger = build("logger", cfg.logger)
         self.baselines = {label: (c, build("quantizer", c)) for label, c in self._baseline_configs()}
+        self._check_combinations()
+        self.diagnostic_prompts = self._diagnostic_prompts() if self._runs_diagnostics else []
         self.timings: dict[str, float] = {}
         self.scores: dict[str, Scores] = {}  # column -> per-document scores (results.json `scores`)
 
@@ -195,12 +198,40 @@ class Pipeline:
                 f"pick the method instead (method={got}), or method=custom to combine quantizer=, prior= and "
                 f"weighting= yourself")
 
+    def _check_combinations(self) -> None:
+        """Values that are fine alone but contradict each other, caught before any weights load."""
+        if getattr(self.weighting, "needs_prior", True) and self.prior_probe is None:
+            raise ConfigError(f"weighting={self.cfg.weighting.name} reweights tokens by the Stage I prior but "
+                              "prior=none; set prior=fair (or method=fair_calib), or weighting=uniform")
+        family = str(getattr(self.model_spec, "model_type", "")).lower()
+        sampler = str(self.cfg.decoding.name)
+        if family in FAMILY_DEFAULTS and sampler in FAMILY_DEFAULTS and sampler != family:
+            raise ConfigError(f"decoding={self.choices.get('decoding', sampler)} is a {sampler} sampler but the "
+                              f"model ({self.model_spec.label}) is a {family} model; pick a sampler of its family, "
+                              f"e.g. decoding={family}")
+        window = (self.plain.get("prior") or {}).get("window")
+        limit = int(self.plain["benchmark"].get("max_length") or 4096)
+        if self.prior_probe is not None and isinstance(window, int) and window > limit:
+            raise ConfigError(f"prior.window={window} exceeds benchmark.max_length={limit}, the longest sequence "
+                              f"a run decodes; use a window no longer than the answers you generate (the "
+                              f"paper: 256, the tiny models: 32)")
+
+    @property
+    def _runs_diagnostics(self) -> bool:
+        return bool(self.cfg.diagnostics.enabled) and self.cfg.quantizer.name != "fp"
+
     # ---- helpers ----------------------------------------------------------------------------
     def _timed(self, key: str, fn, *args, **kwargs):
         t0 = time.time()
         out = fn(*args, **kwargs)
         self.timings[key] = round(time.time() - t0, 2)
         return out
+
+    @property
+    def method_tag(self) -> str:
+        """File name of the run's method (samples/<tag>.json): the preset (fair_calib), else the quantizer."""
+        name = (self.plain.get("method") or {}).get("name")
+        return str(name if name and name != "custom" else self.cfg.quantizer.name)
 
     @property
     def method_label(self) -> str:
@@ -273,6 +304,7 @@ class Pipeline:
             print(f"skipped: {self.run_dir / 'results.json'} already holds this config "
                   f"(hash {self.config_hash}); force=true reruns it")
             return done
+        print(f"run folder: {self.run_dir}", flush=True)  # first, so a long run can be watched from the start
         seed_everything(self.seed)
         if cfg.get("threads"):
             torch.set_num_threads(int(cfg.threads))
@@ -325,7 +357,7 @@ class Pipeline:
         report = self._timed("quantize_s", self.quantizer.quantize, qmodel, calib, token_weights)
 
         diag: dict[str, Any] = {}
-        if cfg.diagnostics.enabled and not is_fp:
+        if self._runs_diagnostics:
             from fair_calib.diagnostics.runner import run_diagnostics
 
             position_weight = None
@@ -334,14 +366,14 @@ class Pipeline:
             sampler = self.sampler
             if cfg.diagnostics.get("gen_length") is None and hasattr(self.benchmark, "diagnostic_sampler"):
                 sampler = self.benchmark.diagnostic_sampler(self.sampler)
-            diag = self._timed("diagnostics_s", run_diagnostics, fp, qmodel, self._diagnostic_prompts(),
+            diag = self._timed("diagnostics_s", run_diagnostics, fp, qmodel, self.diagnostic_prompts,
                                sampler, self.run_dir / "diagnostics", position_weight=position_weight,
                                **{k: v for k, v in self.plain["diagnostics"].items() if k != "enabled"})
 
         if not is_fp or not cfg.compare_fp:
             if self.quantizer.requires_calibration:
                 metrics[self.method_label] = self._timed("eval_quant_s", self._evaluate_column, self.method_label,
-                                                         qmodel, str(cfg.quantizer.name))
+                                                         qmodel, self.method_tag)
             else:  # calibration-free (FP, RTN, QuaRot-RTN): the same weights for every seed, evaluated once
                 metrics[self.method_label] = self._timed("eval_quant_s", self._evaluate_cached, self.method_label,
                                                          fp, None if is_fp else self.plain["quantizer"],

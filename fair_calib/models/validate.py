@@ -233,6 +233,8 @@ def check_model_folder(path: str | Path, trust_remote_code: bool = False) -> Non
 
 # ---- the run's top-level values ---------------------------------------------------------------------------------
 RUN_SWITCHES = ("compare_fp", "save_quantized", "force")
+POSITIVE_INTS = {"benchmark": ("batch_size", "mc_num", "mc_batch_size", "max_length"),
+                 "diagnostics": ("n_prompts", "batch_size")}
 
 
 def check_run_values(cfg: Mapping[str, Any]) -> None:
@@ -249,6 +251,11 @@ def check_run_values(cfg: Mapping[str, Any]) -> None:
     for key in RUN_SWITCHES:
         if key in cfg and not isinstance(cfg[key], bool):
             raise ConfigError(f"{key}={cfg[key]!r}: must be true or false, e.g. {key}=true")
+    for group, keys in POSITIVE_INTS.items():
+        for key in keys:
+            value = (cfg.get(group) or {}).get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ConfigError(f"{group}.{key}={value!r}: must be a positive integer, e.g. {group}.{key}=8")
     data = cfg.get("data") or {}
     if data.get("name") == "text" and data.get("path") not in (None, "???"):
         from fair_calib.data.calibration import read_corpus
