@@ -322,6 +322,25 @@ def test_teacher_cache_hits_then_misses_when_prompts_change(tmp_path, caplog):
     assert len(list((tmp_path / "teacher_trajectory").glob("*.pt"))) == 4
 
 
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "foreign"])
+def test_corrupt_teacher_cache_is_logged_and_decoded_again(tmp_path, caplog, damage):
+    model, sampler = tiny_model("llada"), SAMPLERS["llada"]()
+    ids = encode_prompts(model, PROMPTS)
+    first = teacher_trajectory(model, ids, sampler, batch_size=2, cache_dir=tmp_path)
+    path = first.path
+    if damage == "truncate":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif damage == "garbage":
+        path.write_bytes(b"not a torch file")
+    else:  # a valid torch file of another shape
+        torch.save({"something": torch.zeros(2)}, path)
+    with caplog.at_level(logging.WARNING, logger="fair_calib.diagnostics"):
+        again = teacher_trajectory(model, ids, sampler, batch_size=2, cache_dir=tmp_path)
+    assert not again.cache_hit and "unreadable" in caplog.text
+    assert all(torch.equal(a.tokens, b.tokens) for a, b in zip(first.traces, again.traces))
+    assert teacher_trajectory(model, ids, sampler, batch_size=2, cache_dir=tmp_path).cache_hit  # rewritten whole
+
+
 def test_runner_reports_the_cache_hit(tmp_path):
     fp = ScriptedLM()
     kw = dict(metrics=["flip_rate"], cache_dir=tmp_path, n_prompts=1)

@@ -177,6 +177,20 @@ def test_cache_hit_on_second_call(tmp_path, counted_probe, caplog):
     assert len(counted_probe) == 2
 
 
+@pytest.mark.parametrize("content", ["[1, 2, 3]", '{"frontier_hits": "abc"}', '{"frontier_hits": [1', "\x00\xff"])
+def test_corrupt_prior_cache_is_logged_and_probed_again(tmp_path, counted_probe, caplog, content):
+    """A truncated, foreign or wrong-type cache entry is never trusted: logged, re-probed and overwritten."""
+    model = small_model()
+    first = FairPrior(n_probe=4, window=8, cache_dir=str(tmp_path), progress=False).estimate(model, PROMPTS)
+    path = tmp_path / f"prior-{first.key}.json"
+    path.write_text(content, errors="surrogateescape")
+    with caplog.at_level(logging.WARNING, logger="fair_calib.prior.fair"):
+        again = FairPrior(n_probe=4, window=8, cache_dir=str(tmp_path), progress=False).estimate(model, PROMPTS)
+    assert len(counted_probe) == 2 and f"prior cache {path} unreadable" in caplog.text
+    assert torch.equal(again.frontier_hits_raw, first.frontier_hits_raw)
+    assert json.loads(path.read_text())  # rewritten whole
+
+
 @pytest.mark.parametrize("change", ["weights", "schedule", "seed", "score", "sampler", "prompts", "n_probe"])
 def test_cache_misses_when_a_key_input_changes(tmp_path, counted_probe, change):
     model = small_model()

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +21,7 @@ from tqdm.auto import tqdm
 from fair_calib.decoding.base import Sampler, left_pad
 from fair_calib.decoding.trace import SCORES, CommitTrace
 from fair_calib.models.dllm import DiffusionLM
-from fair_calib.utils.io import stable_hash, state_dict_hash
+from fair_calib.utils.io import atomic_file, stable_hash, state_dict_hash
 
 log = logging.getLogger("fair_calib.diagnostics")
 
@@ -104,18 +102,6 @@ def trace_from_dict(d: dict[str, Any]) -> CommitTrace:
                        scores={k: list(v.unbind(0)) for k, v in d["scores"].items()}, tokens=d["tokens"])
 
 
-def _save_atomic(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def teacher_trajectory(fp_model: DiffusionLM, prompt_ids: list[list[int]], sampler: Sampler, *, seed: int = 0,
                        gen_length: int | None = None, batch_size: int = 8, cache_dir: str | Path | None = None,
                        force: bool = False) -> Trajectory:
@@ -124,12 +110,18 @@ def teacher_trajectory(fp_model: DiffusionLM, prompt_ids: list[list[int]], sampl
     key = trajectory_key(fp_model, prompt_ids, sampler, seed, g, batch_size)
     path = Path(cache_dir) / "teacher_trajectory" / f"{key}.pt" if cache_dir is not None else None
     if path is not None and path.is_file() and not force:
-        log.info("teacher trajectory cache hit: %s", path)
-        stored = torch.load(path, map_location="cpu", weights_only=True)
-        return Trajectory([trace_from_dict(d) for d in stored["traces"]], key, True, path)
+        try:
+            stored = torch.load(path, map_location="cpu", weights_only=True)
+            traces = [trace_from_dict(d) for d in stored["traces"]]
+            log.info("teacher trajectory cache hit: %s", path)
+            return Trajectory(traces, key, True, path)
+        except Exception as err:  # truncated, corrupt or foreign file: decode again and overwrite it
+            log.warning("teacher trajectory cache %s unreadable (%s: %s); decoding again", path,
+                        type(err).__name__, str(err).splitlines()[0] if str(err) else "")
     log.info("teacher trajectory cache miss (key %s): decoding %d prompts", key, len(prompt_ids))
     traj = rollout(fp_model, prompt_ids, sampler, seed=seed, gen_length=g, batch_size=batch_size, desc="teacher")
     traj.key, traj.path = key, path
     if path is not None:
-        _save_atomic({"format": TRAJECTORY_FORMAT, "traces": [trace_to_dict(t) for t in traj.traces]}, path)
+        with atomic_file(path) as tmp:
+            torch.save({"format": TRAJECTORY_FORMAT, "traces": [trace_to_dict(t) for t in traj.traces]}, tmp)
     return traj

@@ -10,9 +10,6 @@ tensor is NaN/inf or a layer is not on its grid (the error names the layer).
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +26,7 @@ from fair_calib.models.block import LINEAR_ROLES, TAP_POINTS
 from fair_calib.models.dllm import DiffusionLM
 from fair_calib.quant.flat_block import FlatActTap, FlatLinear, FrozenKron
 from fair_calib.quant.qlinear import ActQuantizer, QLinear
+from fair_calib.utils.io import atomic_dir
 
 
 class NonFiniteExportError(ExportError, ComputationError):
@@ -131,17 +129,6 @@ def export_state(model: DiffusionLM, blocks: list[dict[str, Any]]) -> tuple[dict
     return {k: v.contiguous().clone() for k, v in state.items()}, names
 
 
-def _replace_dir(tmp: Path, folder: Path) -> None:
-    """Move ``tmp`` to ``folder``; an existing ``folder`` is moved aside first and removed only afterwards."""
-    old = None
-    if folder.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old.", dir=folder.parent))
-        os.replace(folder, old / folder.name)
-    os.replace(tmp, folder)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def save_quantized(model: DiffusionLM, path: str | Path, method: str = "", bits_label: str = "") -> Path:
     """Export a quantized model to ``path`` (see the module docstring); returns the folder."""
     blocks = describe_blocks(model)
@@ -151,16 +138,9 @@ def save_quantized(model: DiffusionLM, path: str | Path, method: str = "", bits_
     config = model.config.to_hf_dict()
     config["torch_dtype"] = str(dtype).removeprefix("torch.")
     config["quantization_config"] = build_quantization_config(blocks, names, head_name, dtype, method, bits_label)
-    folder = Path(path)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp.", dir=folder.parent))
-    try:
+    with atomic_dir(path) as tmp:
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         if model.tokenizer is not None:
             model.tokenizer.save_pretrained(str(tmp))
-        _replace_dir(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return folder
+    return Path(path)

@@ -167,7 +167,7 @@ class FairPrior:
             try:
                 prior = PositionPrior.from_json(path)
                 log.info("prior cache hit: %s", path)
-            except (ValueError, KeyError, OSError) as err:
+            except (ValueError, KeyError, OSError, TypeError, AttributeError, IndexError) as err:
                 log.warning("prior cache %s unreadable (%s); probing again", path, err)
         if prior is None:
             prior = self.probe(model, prompts)
