@@ -167,3 +167,18 @@ def test_config_errors_and_pipeline_hooks():
     assert bench.n == {"addition": 200, "word_problems": 100, "compare": 200}
     assert bench.diagnostic_prompts(2) == [r["prompt"] for r in read_rows("word_problems")[:2]]
     bench.validate_sampler(LLaDASampler())  # default decoding config fits both generation lengths
+
+
+def test_lm_eval_git_lookup_is_silent_outside_a_checkout(tmp_path, monkeypatch, capfd):
+    """lm-eval records `git describe`; outside a git checkout git printed 'fatal: not a git repository'."""
+    import lm_eval.evaluator as evaluator_module
+
+    from fair_calib.benchmark.tiny import quiet_lm_eval
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))  # never find a repository above tmp
+    original = evaluator_module.get_git_commit_hash
+    with quiet_lm_eval():
+        assert evaluator_module.get_git_commit_hash() is None
+    assert evaluator_module.get_git_commit_hash is original
+    assert "fatal" not in capfd.readouterr().err

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import subprocess
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -44,15 +45,28 @@ class _DropMessage(logging.Filter):
         return self.fragment not in record.getMessage()
 
 
+def quiet_git_hash() -> str | None:
+    """`git describe` of the working directory as lm-eval records it, without git's 'fatal: not a git
+    repository' on stderr when the run is launched outside a checkout (then None)."""
+    try:
+        out = subprocess.run(["git", "describe", "--always"], capture_output=True, text=True, check=False)
+    except OSError:  # git not installed
+        return None
+    return (out.stdout.strip() or None) if out.returncode == 0 else None
+
+
 @contextlib.contextmanager
 def quiet_lm_eval(level: int = logging.WARNING) -> Iterator[None]:
-    """lm-eval at WARNING and above, without its per-task context-building bars; restored on exit."""
+    """lm-eval at WARNING and above, without its per-task context-building bars nor git's complaint outside a
+    checkout; restored on exit."""
     import lm_eval.api.task as task_module
+    import lm_eval.evaluator as evaluator_module
 
     root = logging.getLogger("lm_eval")
     task_log = logging.getLogger("lm_eval.api.task")
     custom_kwargs_note = _DropMessage("Custom kwargs can be passed")  # printed for every custom_dataset task
-    old_level, old_tqdm = root.level, task_module.tqdm
+    old_level, old_tqdm, old_git = root.level, task_module.tqdm, evaluator_module.get_git_commit_hash
+    evaluator_module.get_git_commit_hash = quiet_git_hash
     root.setLevel(level)
     task_log.addFilter(custom_kwargs_note)
     task_module.tqdm = functools.partial(tqdm, disable=True)
@@ -62,6 +76,7 @@ def quiet_lm_eval(level: int = logging.WARNING) -> Iterator[None]:
         root.setLevel(old_level)
         task_log.removeFilter(custom_kwargs_note)
         task_module.tqdm = old_tqdm
+        evaluator_module.get_git_commit_hash = old_git
 
 
 def metric_values(task_results: Mapping[str, Any]) -> dict[str, float]:
