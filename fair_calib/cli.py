@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
+import threading
+import time
 import traceback
 import warnings
 from pathlib import Path
@@ -52,6 +55,48 @@ def _record_failure(run_dir: Path, err: BaseException, config_hash: str | None) 
                                                  "run": {"config_hash": config_hash}})
 
 
+def _lock_folder(run_dir: Path):
+    """An exclusive advisory lock on the job folder for the job's lifetime, released by the OS however the
+    process ends: (open lock file, None), or (None, the holder's pid) when another process runs this folder."""
+    import fcntl
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(run_dir / ".fair_calib.lock", "a+")  # noqa: SIM115 - held open until the job ends
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "?"
+        handle.close()
+        return None, holder
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle, None
+
+
+_WATCHING: list[int] = []
+
+
+def _die_with_launcher() -> None:
+    """In a joblib (loky) worker: when the launcher dies the worker is re-parented; end the running job as a
+    SIGTERM would (folder marked `interrupted`) instead of computing on for nobody."""
+    import multiprocessing
+
+    if "Loky" not in multiprocessing.current_process().name or _WATCHING:
+        return
+    parent = os.getppid()
+    _WATCHING.append(parent)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="fair-calib-launcher-watch", daemon=True).start()
+
+
 _FAILURE: list[BaseException] = []  # a single run's exception, raised again after Hydra has returned
 
 
@@ -66,12 +111,31 @@ class _StopSweep(BaseException):
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def _app(cfg: DictConfig) -> float | None:
-    from fair_calib.pipeline import Pipeline
 
     _quiet_libraries()
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     multirun = hc.mode.name == "MULTIRUN"
+    _die_with_launcher()
+    lock, holder = _lock_folder(run_dir)
+    if lock is None:  # another launcher runs this very job: leave its folder alone
+        busy = (f"{run_dir} is in use by another fair-calib process (pid {holder}); left alone: wait for that run "
+                "to finish (a rerun then skips it), or pick another folder")
+        if not multirun:
+            _FAILURE.append(ConfigError(busy))
+            return None
+        print(f"skipped: job {hc.job.num}: {busy}", file=sys.stderr)
+        return None
+    try:
+        with signals_raise():  # also in a joblib worker, whose SIGTERM would otherwise leave the folder unmarked
+            return _run_job(cfg, hc, run_dir, multirun)
+    finally:
+        lock.close()
+
+
+def _run_job(cfg: DictConfig, hc, run_dir: Path, multirun: bool) -> float | None:
+    from fair_calib.pipeline import Pipeline
+
     pipeline = None
     try:
         pipeline = Pipeline(cfg, run_dir, choices=dict(hc.runtime.choices), group=_group(cfg, hc))

@@ -286,6 +286,10 @@ RUN_VALUES = [
     ({"compare_fp": "maybe"}, "compare_fp='maybe': must be true or false, e.g. compare_fp=true"),
     ({"compare_fp": 1}, "compare_fp=1: must be true or false"),
     ({"save_quantized": "yes please"}, "save_quantized='yes please': must be true or false"),
+    ({"benchmark": {"mc_num": 0}}, "benchmark.mc_num=0: must be a positive integer, e.g. benchmark.mc_num=8"),
+    ({"benchmark": {"mc_batch_size": 2.5}}, "benchmark.mc_batch_size=2.5: must be a positive integer"),
+    ({"diagnostics": {"batch_size": -1}}, "diagnostics.batch_size=-1: must be a positive integer"),
+    ({"diagnostics": {"n_prompts": True}}, "diagnostics.n_prompts=True: must be a positive integer"),
 ]
 
 
@@ -357,6 +361,17 @@ CLI_CASES = {
     "fractional_bits": (lambda tmp, good: "quantizer.w_bits=4.5", "quantizer.w_bits=4.5: must be an integer bit width"),
     "compare_fp_maybe": (lambda tmp, good: "compare_fp=maybe", "compare_fp='maybe': must be true or false"),
     "binary_corpus": (lambda tmp, good: ["data=text", _binary_corpus(tmp)], "корпус café.txt' is not UTF-8 text"),
+    # combinations that are fine alone: caught before any weights load
+    "weighting_without_prior": (lambda tmp, good: "weighting=fair",
+                                "weighting=fair reweights tokens by the Stage I prior but prior=none; set prior=fair"),
+    "sampler_of_the_other_family": (lambda tmp, good: "decoding=dream",
+                                    "decoding=dream is a dream sampler but the model (tiny-llada) is a llada model"),
+    "window_beyond_any_sequence": (lambda tmp, good: ["prior=fair", "prior.window=100000"],
+                                   "prior.window=100000 exceeds benchmark.max_length=4096"),
+    "zero_batch": (lambda tmp, good: "benchmark.batch_size=0", "benchmark.batch_size=0: must be a positive integer"),
+    "too_many_diagnostic_prompts": (lambda tmp, good: "diagnostics.n_prompts=100000",
+                                    "diagnostics.n_prompts=100000: only 1000 word_problems test prompts"),
+    "negative_eval_seed": (lambda tmp, good: "eval_seed=-1", "eval_seed=-1: the seed must be a non-negative integer"),
 }
 
 
@@ -375,3 +390,34 @@ def test_cli_bad_input_is_one_line_and_exit_2(case, good_folder, tmp_path):
     assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr + proc.stdout
     assert not (tmp_path / "run" / "results.json").exists()
+
+
+# ---- files keep the user's umask (mkstemp / mkdtemp alone make them private) ----------------------------------------
+@pytest.mark.parametrize("mask", [0o022, 0o077])
+def test_atomic_writes_follow_the_umask(tmp_path, mask):
+    from fair_calib.utils.io import atomic_dir, write_json_atomic
+
+    old = os.umask(mask)
+    try:
+        path = write_json_atomic(tmp_path / "results.json", {"status": "ok"})
+        with atomic_dir(tmp_path / "quantized_model") as folder:
+            (folder / "config.json").write_text("{}")
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~mask
+    assert (tmp_path / "quantized_model").stat().st_mode & 0o777 == 0o777 & ~mask
+    assert (tmp_path / "quantized_model" / "config.json").stat().st_mode & 0o777 == 0o666 & ~mask
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporaries left
+
+
+def test_atomic_dir_keeps_the_old_folder_when_writing_fails(tmp_path):
+    from fair_calib.utils.io import atomic_dir
+
+    target = tmp_path / "model"
+    target.mkdir()
+    (target / "config.json").write_text("old")
+    with pytest.raises(RuntimeError), atomic_dir(target) as folder:
+        (folder / "config.json").write_text("new, half")
+        raise RuntimeError("disk full")
+    assert (target / "config.json").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]

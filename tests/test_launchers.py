@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -60,3 +63,62 @@ def test_long_override_lists_get_short_unique_folder_names():
     assert len(short_dirname(a)) == 120 and short_dirname(a) != short_dirname(b)
     assert short_dirname(a) == short_dirname(a) and short_dirname(a).startswith("x" * 103 + "~")
     assert short_dirname("model.path=/a/b") == "model.path=_a_b"
+
+
+def test_a_busy_job_folder_is_left_alone(tmp_path):
+    """Two launchers on one folder: the second does not run the job nor write into the folder."""
+    import fcntl
+
+    run = tmp_path / "run"
+    run.mkdir()
+    with open(run / ".fair_calib.lock", "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("4242\n")
+        held.flush()
+        env = {**os.environ, "FAIR_CALIB_CACHE": str(tmp_path / "cache"), "WANDB_MODE": "offline"}
+        env.pop("HYDRA_FULL_ERROR", None)
+        proc = subprocess.run([sys.executable, "-m", "fair_calib", "experiment=none", "method=fp", "logger=none",
+                               f"hydra.run.dir={run}"], env=env, capture_output=True, text=True, timeout=300)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
+    assert "is in use by another fair-calib process (pid 4242)" in lines[0]
+    assert not (run / "results.json").exists() and not (run / "samples").exists()
+
+
+WORKER = """
+import multiprocessing, os, sys, time
+from pathlib import Path
+from fair_calib.cli import _die_with_launcher
+from fair_calib.errors import Interrupted, signals_raise
+
+def job(out):
+    try:
+        with signals_raise():
+            _die_with_launcher()
+            Path(out).with_suffix(".started").write_text(str(os.getpid()))
+            time.sleep(120)
+    except Interrupted:
+        Path(out).write_text("interrupted")
+
+if __name__ == "__main__":
+    p = multiprocessing.get_context("spawn").Process(target=job, args=(sys.argv[1],), name="LokyProcess-9")
+    p.start()
+    while not Path(sys.argv[1]).with_suffix(".started").exists():
+        time.sleep(0.1)
+    os._exit(0)  # the launcher dies without reaping its worker
+"""
+
+
+def test_a_worker_ends_its_job_when_the_launcher_dies(tmp_path):
+    """A joblib worker whose launcher was killed is re-parented; it must end its job as an interrupt."""
+    import time
+
+    script = tmp_path / "launcher.py"
+    script.write_text(WORKER)
+    out = tmp_path / "worker.txt"
+    subprocess.run([sys.executable, str(script), str(out)], check=True, timeout=120)
+    for _ in range(600):  # wait (not a timing assertion): the watchdog polls once a second
+        if out.exists():
+            break
+        time.sleep(0.1)
+    assert out.read_text() == "interrupted"
