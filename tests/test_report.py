@@ -134,3 +134,18 @@ def test_cli_prints_tables_and_fails_cleanly(sweep, tmp_path, capsys):
     assert "no results.json found" in capsys.readouterr().err
     assert report_main([str(tmp_path / "nope")]) == 2
     assert "no such run or sweep folder" in capsys.readouterr().err
+
+
+def test_report_over_only_failed_or_foreign_results_exits_1(tmp_path, capsys):
+    """A results.json that is a JSON list (or not JSON) is an unreadable run, listed, not a traceback; a report
+    in which no run finished is not a success."""
+    for name, text in [("failed", '{"status": "failed", "error": "CUDA out of memory"}'), ("list", "[1, 2]"),
+                       ("binary", "\udcff\udcfe")]:
+        (tmp_path / "runs" / name).mkdir(parents=True)
+        (tmp_path / "runs" / name / "results.json").write_text(text, errors="surrogateescape")
+    records = {r.path.name: r for r in collect_runs([tmp_path / "runs"])}
+    assert records["list"].status == "unreadable" and "holds a JSON list, not an object" in records["list"].error
+    assert records["binary"].status == "unreadable" and records["failed"].error == "CUDA out of memory"
+    assert report_main([str(tmp_path / "runs"), "--out", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err
+    assert "none of the 3 runs finished (1 failed, 2 unreadable)" in err and "Traceback" not in err

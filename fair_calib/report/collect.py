@@ -95,8 +95,12 @@ def collect_runs(paths: Iterable[str | Path]) -> list[RunRecord]:
     for f in find_results(paths):
         try:
             data = json.loads(f.read_text())
-        except (OSError, json.JSONDecodeError) as err:
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
             records.append(RunRecord(path=f.parent, status="unreadable", error=str(err)))
+            continue
+        if not isinstance(data, dict):
+            records.append(RunRecord(path=f.parent, status="unreadable",
+                                     error=f"results.json holds a JSON {type(data).__name__}, not an object"))
             continue
         records.append(_record(f, data))
     return records
