@@ -148,4 +148,4 @@ def test_report_over_only_failed_or_foreign_results_exits_1(tmp_path, capsys):
     assert records["binary"].status == "unreadable" and records["failed"].error == "CUDA out of memory"
     assert report_main([str(tmp_path / "runs"), "--out", str(tmp_path / "o")]) == 1
     err = capsys.readouterr().err
-    assert "none of the 3 runs finished (1 failed, 2 unreadable)" in err and "Traceback" not in err
+    assert "none of the 3 runs finished (2 unreadable, 1 failed)" in err and "Traceback" not in err
