@@ -421,3 +421,30 @@ def test_atomic_dir_keeps_the_old_folder_when_writing_fails(tmp_path):
         raise RuntimeError("disk full")
     assert (target / "config.json").read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+OFFLINE_RUN = """
+import atexit, socket, sys
+from pathlib import Path
+looked_up = []
+real = socket.getaddrinfo
+socket.getaddrinfo = lambda host, *a, **k: looked_up.append(host) or real(host, *a, **k)
+# registered before wandb is imported, so it runs after W&B's own exit handlers (which flush its telemetry)
+atexit.register(lambda: Path(sys.argv[1], "lookups.txt").write_text(repr(sorted(set(looked_up)))))
+from fair_calib.logger.wandb_logger import WandbLogger
+logger = WandbLogger(mode=sys.argv[2])
+logger.start(Path(sys.argv[1]), {"seed": 0}, "tiny-llada/RTN W4A4")
+logger.log_metrics({"quant/avg": 1.0})
+logger.finish()
+"""
+
+
+@pytest.mark.parametrize("mode", ["offline", "auto"])
+def test_offline_logging_makes_no_network_lookup(tmp_path, mode):
+    """W&B's telemetry read only the process-wide WANDB_MODE and resolved its host even for offline runs."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    proc = subprocess.run([sys.executable, "-c", OFFLINE_RUN, str(tmp_path), mode], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "lookups.txt").read_text() == "[]"
+    assert list((tmp_path / "wandb").glob("offline-run-*"))

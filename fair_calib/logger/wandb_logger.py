@@ -37,8 +37,11 @@ class WandbLogger(RunLogger):
 
         super().start(run_dir, config, name, group, tags)
         os.environ.setdefault("WANDB_SILENT", "true")
+        mode = self.resolved_mode()
+        if mode != "online":  # offline = no network at all: W&B's process-wide telemetry reads WANDB_MODE, not
+            os.environ["WANDB_MODE"] = mode  # the run's mode, and looked up its host otherwise
         self.run = wandb.init(
-            project=self.project, entity=self.entity, mode=self.resolved_mode(), dir=str(run_dir), name=name,
+            project=self.project, entity=self.entity, mode=mode, dir=str(run_dir), name=name,
             group=self.group or group, tags=sorted(set(self.tags + list(tags or []))), config=flatten(config),
             reinit="finish_previous", settings=wandb.Settings(console="off", silent=True),
         )
