@@ -7,14 +7,25 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 
 def short_dirname(name: str, limit: int = 120) -> str:
-    """A run folder name from Hydra's override_dirname: kept when short, else cut and suffixed with a hash
-    of the whole name (file systems refuse names over 255 bytes; long sweeps exceed that)."""
+    """A run folder name from Hydra's override_dirname: kept when short; else each `a.b.key=value` item becomes
+    `key=value`, as many whole items as fit are kept (never a cut inside one, which hid the value that differs)
+    and a hash of the whole name follows (file systems refuse names over 255 bytes; long sweeps exceed that)."""
     import hashlib
 
     name = str(name).replace("/", "_")
     if len(name) <= limit:
         return name
-    return f"{name[: limit - 17]}~{hashlib.sha256(name.encode()).hexdigest()[:16]}"
+    digest = hashlib.sha256(name.encode()).hexdigest()[:16]
+    room = limit - len(digest) - 1
+    kept: list[str] = []
+    for item in name.split(","):
+        key, sep, value = item.partition("=")
+        item = f"{key.rsplit('.', 1)[-1]}{sep}{value}"
+        if len(",".join([*kept, item])) > room:
+            break
+        kept.append(item)
+    head = ",".join(kept) if kept else name[:room]
+    return f"{head}~{digest}"
 
 
 def short_hash(text: str, n: int = 8) -> str:

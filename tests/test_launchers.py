@@ -63,6 +63,15 @@ def test_long_override_lists_get_short_unique_folder_names():
     assert len(short_dirname(a)) == 120 and short_dirname(a) != short_dirname(b)
     assert short_dirname(a) == short_dirname(a) and short_dirname(a).startswith("x" * 103 + "~")
     assert short_dirname("model.path=/a/b") == "model.path=_a_b"
+    # a long override list keeps whole `key=value` items (leaf keys), never a value cut in half
+    long = ",".join(["benchmark.n={addition:6,word_problems:4,compare:6}", "data.n_samples=8",
+                     "diagnostics.n_prompts=4", "experiment=none", "method=rtn", "model.path=/tmp/some/long/folder/name", "prior.n_probe=8",
+                     "quantizer.w_bits=4"])
+    short = short_dirname(long)
+    head, digest = short.split("~")
+    assert len(short) <= 120 and len(digest) == 16 and "method=rtn" in head and "w_bits" not in head
+    assert head == "n={addition:6,word_problems:4,compare:6},n_samples=8,n_prompts=4,experiment=none,method=rtn"
+    assert short_dirname(long.replace("method=rtn", "method=gptq")) != short
 
 
 def test_a_busy_job_folder_is_left_alone(tmp_path):
