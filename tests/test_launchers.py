@@ -65,8 +65,8 @@ def test_long_override_lists_get_short_unique_folder_names():
     assert short_dirname("model.path=/a/b") == "model.path=_a_b"
     # a long override list keeps whole `key=value` items (leaf keys), never a value cut in half
     long = ",".join(["benchmark.n={addition:6,word_problems:4,compare:6}", "data.n_samples=8",
-                     "diagnostics.n_prompts=4", "experiment=none", "method=rtn", "model.path=/tmp/some/long/folder/name", "prior.n_probe=8",
-                     "quantizer.w_bits=4"])
+                     "diagnostics.n_prompts=4", "experiment=none", "method=rtn",
+                     "model.path=/tmp/some/long/folder/name", "prior.n_probe=8", "quantizer.w_bits=4"])
     short = short_dirname(long)
     head, digest = short.split("~")
     assert len(short) <= 120 and len(digest) == 16 and "method=rtn" in head and "w_bits" not in head
