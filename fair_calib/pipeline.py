@@ -9,6 +9,7 @@ are read. Results go to the run folder (`results.json`, written atomically) and 
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import logging
 import random
@@ -24,7 +25,7 @@ from fair_calib import CONF_DIR, stats
 from fair_calib.benchmark.families import FAMILY_DEFAULTS
 from fair_calib.benchmark.scores import task_scores
 from fair_calib.models.hf_folder import resolve_device
-from fair_calib.models.validate import check_run_values
+from fair_calib.models.validate import check_run_values, read_config
 from fair_calib.quant.base import BitSettings
 from fair_calib.registry import ConfigError, build
 from fair_calib.utils.io import stable_hash, state_dict_hash, write_json_atomic, write_text_atomic
@@ -237,8 +238,20 @@ class Pipeline:
     def method_label(self) -> str:
         label = (self.plain.get("method") or {}).get("label") or display_name(str(self.cfg.quantizer.name))
         if self.cfg.quantizer.name == "fp":
-            return "FP"
+            return self._export_label or "FP"
         return f"{label} {self.quantizer.label}".strip()
+
+    @functools.cached_property
+    def _export_label(self) -> str | None:
+        """'FAIR-Calib W4A4 (export)' when model.path is a folder written by save_quantized=true, whose weights
+        are not the FP model's (it used to be labelled FP)."""
+        path = getattr(self.model_spec, "path", None)
+        if path is None:
+            return None
+        info = (read_config(path).get("quantization_config") or {}).get("fair_calib") or {}
+        if not info:
+            return None
+        return f"{display_name(str(info.get('method') or '?'))} {info.get('bits') or ''} (export)".replace("  ", " ")
 
     def _evaluate(self, model, tag: str) -> tuple[dict[str, dict[str, float]], Scores]:
         """(metrics, per-document scores) of one model; the per-sample records go to samples/<tag>.json."""
@@ -326,7 +339,8 @@ class Pipeline:
         cfg = self.cfg
         fp = self._timed("load_s", self.model_spec.load, self.device)
         metrics: dict[str, dict[str, dict[str, float]]] = {}
-        if cfg.compare_fp:
+        compare_fp = bool(cfg.compare_fp) and self._export_label is None  # an export has no FP model to compare
+        if compare_fp:
             metrics["FP"] = self._timed("eval_fp_s", self._evaluate_cached, "FP", fp, None)
 
         calib = None
@@ -370,7 +384,7 @@ class Pipeline:
                                sampler, self.run_dir / "diagnostics", position_weight=position_weight,
                                **{k: v for k, v in self.plain["diagnostics"].items() if k != "enabled"})
 
-        if not is_fp or not cfg.compare_fp:
+        if not is_fp or not compare_fp:
             if self.quantizer.requires_calibration:
                 metrics[self.method_label] = self._timed("eval_quant_s", self._evaluate_column, self.method_label,
                                                          qmodel, self.method_tag)
@@ -382,7 +396,7 @@ class Pipeline:
             from fair_calib.export import save_quantized
 
             folder = self._timed("save_s", save_quantized, qmodel, self.run_dir / "quantized_model",
-                                 method=str(cfg.quantizer.name), bits_label=self.quantizer.label)
+                                 method=self.method_tag, bits_label=self.quantizer.label)
             log.info("quantized model saved to %s (reload: model.path=%s)", folder, folder)
         return self._finish(metrics, report, diag)
 

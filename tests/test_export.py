@@ -348,6 +348,23 @@ def test_model_registry_and_lm_eval_wrapper_load_a_saved_folder(exported) -> Non
     assert ll < 0
 
 
+def test_a_reloaded_export_is_labelled_by_its_method_not_fp(tmp_path: Path) -> None:
+    from hydra import compose, initialize_config_dir
+
+    from fair_calib import CONF_DIR
+    from fair_calib.pipeline import Pipeline
+
+    model = make_tiny("llada")
+    RTN(w_bits=4, a_bits=4).quantize(model)
+    folder = save_quantized(model, tmp_path / "quantized_model", method="fair_calib", bits_label="W4A4")
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=["experiment=none", "method=fp", f"model.path={folder}", "logger=none",
+                                           "device=cpu", f"cache_dir={tmp_path / 'cache'}"])
+        plain = compose("config", overrides=["experiment=none", "method=fp", "logger=none", "device=cpu"])
+        assert Pipeline(cfg, tmp_path / "run").method_label == "FAIR-Calib W4A4 (export)"
+        assert Pipeline(plain, tmp_path / "fp").method_label == "FP"
+
+
 @pytest.mark.slow
 def test_pipeline_saves_and_the_model_registry_reloads_for_evaluation(tmp_path: Path, monkeypatch) -> None:
     from hydra import compose, initialize_config_dir
@@ -370,10 +387,12 @@ def test_pipeline_saves_and_the_model_registry_reloads_for_evaluation(tmp_path: 
         loaded = pipe.model_spec.load("cpu")
         assert isinstance(loaded.blocks[0].role("down"), PackedLinear)
         second = pipe.run()
+        assert list(second["metrics"]) == ["RTN W4A4 (export)"] and second["run"]["method"] == "RTN W4A4 (export)"
     m1 = next(iter(first["metrics"].values()))
     m2 = next(iter(second["metrics"].values()))
     assert set(m1) == set(m2) == {"tinyreason_addition", "tinyreason_word_problems", "tinyreason_compare"}
-    assert all(0.0 <= v <= 1.0 for task in m2.values() for v in task.values())
+    assert all(0.0 <= v <= 1.0 for task in m2.values() for k, v in task.items() if k != "answer_ll")
+    assert all(task["answer_ll"] < 0 for task in m2.values())  # a log-likelihood in nats
     assert "quantize_s" in second["timings"] and "save_s" in first["timings"]
 
 
