@@ -6,6 +6,22 @@ __version__ = "0.1.0"
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 
+# One definition of the config keys that never change a run's numbers (leaf names, at any depth): caches,
+# logging, progress bars, thread count (see the README on threads), the sweep's seed count. They are left out of
+# the run hash that decides whether a finished folder is reused (pipeline.run_key) and of the folder names.
+VOLATILE_KEYS = ("force", "debug", "threads", "logger", "group", "cache_dir", "progress", "show_progress",
+                 "offload_dir", "seeds")
+# Keys that do change results but are too long or machine-specific for a folder name (still in the run hash).
+UNNAMED_KEYS = ("device", "model.path")
+_GROUPS = ("model", "quantizer", "prior", "weighting", "benchmark", "decoding", "data", "diagnostics")
+
+
+def dirname_excluded_keys() -> list[str]:
+    """Hydra's `override_dirname.exclude_keys`: every volatile key at the top level and in each group, plus the
+    unnamed ones (Hydra matches exact override keys, so the leaf names are spelled out per group)."""
+    return [*VOLATILE_KEYS, *(f"{g}.{k}" for g in _GROUPS for k in VOLATILE_KEYS), *UNNAMED_KEYS]
+
+
 def short_dirname(name: str, limit: int = 120) -> str:
     """A run folder name from Hydra's override_dirname: kept when short; else each `a.b.key=value` item becomes
     `key=value`, as many whole items as fit are kept (never a cut inside one, which hid the value that differs)
@@ -48,6 +64,7 @@ def _register_resolvers() -> None:
     OmegaConf.register_new_resolver("fc_dirname", short_dirname, replace=True)
     OmegaConf.register_new_resolver("fc_hash", short_hash, replace=True)
     OmegaConf.register_new_resolver("fc_seeds", seed_sweep, replace=True)
+    OmegaConf.register_new_resolver("fc_volatile", dirname_excluded_keys, replace=True)
 
 
 _register_resolvers()

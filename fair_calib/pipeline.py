@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from fair_calib import CONF_DIR, stats
+from fair_calib import CONF_DIR, VOLATILE_KEYS, stats
 from fair_calib.benchmark.families import FAMILY_DEFAULTS
 from fair_calib.benchmark.scores import task_scores
 from fair_calib.models.hf_folder import resolve_device
@@ -103,14 +103,10 @@ def format_table(columns: dict[str, dict[str, dict[str, float]]], headline: dict
     return "\n".join([line(head), sep] + [line(r) for r in rows]) + note
 
 
-_VOLATILE = {"force", "debug", "threads", "logger", "group", "cache_dir", "progress", "show_progress", "offload_dir",
-             "seeds"}
-
-
 def run_key(plain: dict[str, Any], ignore: frozenset[str] = frozenset()) -> str:
     """Hash of a resolved config without the keys that do not change results (caches, threads, logging),
     nor the keys named in `ignore` at any depth (the report passes {"seed"} to group the seeds of a row)."""
-    drop = _VOLATILE | ignore
+    drop = set(VOLATILE_KEYS) | ignore
 
     def strip(node: Any) -> Any:
         if isinstance(node, dict):

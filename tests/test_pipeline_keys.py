@@ -75,3 +75,29 @@ def test_run_key_without_seed_groups_the_seeds_of_a_row():
     assert run_key(a) != run_key(b)
     assert run_key(a, ignore=frozenset({"seed"})) == run_key(b, ignore=frozenset({"seed"}))
     assert run_key({**a, "seeds": 3}) == run_key(a)  # the number of seeds of a sweep is not part of one run
+
+
+def test_folder_names_and_the_run_hash_ignore_the_same_keys(tmp_path):
+    """One definition (fair_calib.VOLATILE_KEYS) feeds both the run hash and Hydra's folder names: a key that
+    changes no result changes neither, a key that does changes both (device / model.path: the hash only)."""
+    import subprocess
+    import sys
+
+    from fair_calib import UNNAMED_KEYS, VOLATILE_KEYS, dirname_excluded_keys
+
+    def dirname(*overrides: str) -> str:
+        out = subprocess.run([sys.executable, "-m", "fair_calib", *overrides, "--cfg", "hydra", "--resolve"],
+                             capture_output=True, text=True, timeout=300, cwd=tmp_path).stdout
+        return next(line.split(":", 1)[1].strip() for line in out.splitlines()
+                    if line.strip().startswith("override_dirname:") and "=" in line)
+
+    excluded = dirname_excluded_keys()
+    assert {"threads", "quantizer.progress", "benchmark.show_progress", "prior.cache_dir", *UNNAMED_KEYS} <= \
+        set(excluded) and "seed" not in excluded
+    assert dirname("method=fp", "seed=1", "threads=1", "benchmark.show_progress=false", "force=true") == \
+        "method=fp,seed=1"
+    base = compose_cfg("experiment=none", "method=rtn")
+    plain = dict(Pipeline(base, tmp_path).plain)
+    for key in VOLATILE_KEYS:
+        assert run_key({**plain, key: "changed"}) == run_key(plain), key
+    assert run_key({**plain, "device": "cuda"}) != run_key(plain)
