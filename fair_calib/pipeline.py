@@ -266,7 +266,7 @@ class Pipeline:
         """FP and calibration-free baselines give the same numbers in every job of a sweep: cache them
         (metrics and per-document scores) by (FP weights, method config, benchmark, decoding, eval_seed): the
         calibration seed does not enter, so a seed sweep evaluates FP and RTN once per model."""
-        key = stable_hash({"weights": state_dict_hash(fp_model), "method": method,
+        key = stable_hash({"weights": self.fp_hash, "method": method,
                            "benchmark": self.plain["benchmark"], "decoding": self.plain["decoding"],
                            "eval_seed": self.eval_seed, "format": 3})
         path = Path(self.cfg.cache_dir) / "eval" / f"{key}.json"
@@ -334,6 +334,7 @@ class Pipeline:
     def _run_stages(self) -> dict[str, Any]:
         cfg = self.cfg
         fp = self._timed("load_s", self.model_spec.load, self.device)
+        self.fp_hash = self._timed("hash_s", state_dict_hash, fp)  # read once: the keys of all three caches
         metrics: dict[str, dict[str, dict[str, float]]] = {}
         compare_fp = bool(cfg.compare_fp) and self._export_label is None  # an export has no FP model to compare
         if compare_fp:
@@ -347,7 +348,7 @@ class Pipeline:
         prior = None
         if self.prior_probe is not None:
             prior = self._timed("prior_s", self.prior_probe.estimate, fp, calib.prompts,
-                                out_dir=self.run_dir / "prior")
+                                out_dir=self.run_dir / "prior", weights_hash=self.fp_hash)
         token_weights = None
         if calib is not None:
             token_weights = self.weighting.token_weights(calib.answer_offset, calib.attention_mask, prior)
@@ -378,6 +379,7 @@ class Pipeline:
                 sampler = self.benchmark.diagnostic_sampler(self.sampler)
             diag = self._timed("diagnostics_s", run_diagnostics, fp, qmodel, self.diagnostic_prompts,
                                sampler, self.run_dir / "diagnostics", position_weight=position_weight,
+                               weights_hash=self.fp_hash,
                                **{k: v for k, v in self.plain["diagnostics"].items() if k != "enabled"})
 
         if not is_fp or not compare_fp:

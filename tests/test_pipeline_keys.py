@@ -101,3 +101,30 @@ def test_folder_names_and_the_run_hash_ignore_the_same_keys(tmp_path):
     for key in VOLATILE_KEYS:
         assert run_key({**plain, key: "changed"}) == run_key(plain), key
     assert run_key({**plain, "device": "cuda"}) != run_key(plain)
+
+
+def test_a_run_reads_the_fp_weights_once_for_all_its_caches(tmp_path, monkeypatch):
+    """The evaluation, prior and teacher-trajectory caches share one hash of the FP weights (an 8B state dict
+    is 16 GB: hashing it per cache read it three times); the second run hits all three caches."""
+    import fair_calib.diagnostics.trajectory as trajectory
+    import fair_calib.pipeline as pipeline
+    import fair_calib.prior.fair as fair
+    from fair_calib.utils.io import state_dict_hash
+
+    calls = []
+
+    def counted(module, *args, **kwargs):
+        calls.append(type(module).__name__)
+        return state_dict_hash(module, *args, **kwargs)
+
+    for mod in (pipeline, fair, trajectory):
+        monkeypatch.setattr(mod, "state_dict_hash", counted)
+    overrides = ["experiment=none", "method=custom", "quantizer=rtn", "prior=fair", "weighting=fair", "logger=none",
+                 "benchmark.n={addition:4,word_problems:2,compare:4}", "benchmark.mc_num=2",
+                 "benchmark.show_progress=false", "diagnostics.n_prompts=2", "prior.n_probe=4", "prior.progress=false",
+                 "data.n_samples=4", f"cache_dir={tmp_path / 'cache'}", "device=cpu"]
+    first = Pipeline(compose_cfg(*overrides), tmp_path / "a").run()
+    assert len(calls) == 1
+    second = Pipeline(compose_cfg(*overrides), tmp_path / "b").run()
+    assert len(calls) == 2 and second["summary"]["diag/teacher_cache_hit"] == 1.0
+    assert first["metrics"] == second["metrics"] and first["scores"] == second["scores"]

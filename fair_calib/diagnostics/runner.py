@@ -270,7 +270,7 @@ def run_diagnostics(fp_model: DiffusionLM, q_model: DiffusionLM, prompts: list[s
                     out_dir: str | Path | None, metrics: Iterable[str] = METRICS, n_prompts: int = 32, seed: int = 0,
                     cache_dir: str | Path | None = None, position_weight: PositionWeight | None = None, *,
                     decoding: Sampler | Mapping[str, Any] | None = None, gen_length: int | None = None,
-                    batch_size: int = 8, force: bool = False) -> DiagnosticsResult:
+                    batch_size: int = 8, force: bool = False, weights_hash: str | None = None) -> DiagnosticsResult:
     """All requested frontier diagnostics of `q_model` against the FP teacher `fp_model` on `prompts[:n_prompts]`.
 
     `decoding` (a sampler or a decoding config) overrides the run's `sampler` for the diagnostics; `gen_length`
@@ -288,7 +288,7 @@ def run_diagnostics(fp_model: DiffusionLM, q_model: DiffusionLM, prompts: list[s
     tables: dict[str, list[dict[str, Any]]] = {}
 
     teacher = teacher_trajectory(fp_model, prompt_ids, sampler, seed=seed, gen_length=gen_length,
-                                 batch_size=batch_size, cache_dir=cache_dir, force=force)
+                                 batch_size=batch_size, cache_dir=cache_dir, force=force, weights_hash=weights_hash)
     scalars["diag/teacher_cache_hit"] = float(teacher.cache_hit)
     own: Trajectory | None = None
     own_curve: StepCurve | None = None

@@ -82,9 +82,11 @@ def sampler_settings(sampler: Sampler) -> dict[str, Any]:
 
 
 def trajectory_key(model: DiffusionLM, prompt_ids: list[list[int]], sampler: Sampler, seed: int, gen_length: int,
-                   batch_size: int) -> str:
-    """Hash of (weights, prompt ids, sampler settings, seed, gen length, batch size): the cache key."""
-    return stable_hash({"format": TRAJECTORY_FORMAT, "weights": state_dict_hash(model), "prompts": prompt_ids,
+                   batch_size: int, weights_hash: str | None = None) -> str:
+    """Hash of (weights, prompt ids, sampler settings, seed, gen length, batch size): the cache key
+    (`weights_hash`: the caller's `state_dict_hash(model)`, computed once per run)."""
+    return stable_hash({"format": TRAJECTORY_FORMAT, "weights": weights_hash or state_dict_hash(model),
+                        "prompts": prompt_ids,
                         "sampler": sampler_settings(sampler), "seed": seed, "gen_length": gen_length,
                         "batch_size": batch_size})
 
@@ -104,10 +106,10 @@ def trace_from_dict(d: dict[str, Any]) -> CommitTrace:
 
 def teacher_trajectory(fp_model: DiffusionLM, prompt_ids: list[list[int]], sampler: Sampler, *, seed: int = 0,
                        gen_length: int | None = None, batch_size: int = 8, cache_dir: str | Path | None = None,
-                       force: bool = False) -> Trajectory:
+                       force: bool = False, weights_hash: str | None = None) -> Trajectory:
     """The FP teacher's rollout on the prompts, loaded from `cache_dir` when the same one was computed before."""
     g = resolve_gen_length(sampler, gen_length)
-    key = trajectory_key(fp_model, prompt_ids, sampler, seed, g, batch_size)
+    key = trajectory_key(fp_model, prompt_ids, sampler, seed, g, batch_size, weights_hash)
     path = Path(cache_dir) / "teacher_trajectory" / f"{key}.pt" if cache_dir is not None else None
     if path is not None and path.is_file() and not force:
         try:

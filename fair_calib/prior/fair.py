@@ -136,11 +136,12 @@ class FairPrior:
                 "lambda1": self.lambda1, "score": self.score, "sampler": self.sampler_cfg,
                 "batch_size": self.batch_size, "seed": self.seed}
 
-    def cache_key(self, model: DiffusionLM, prompts: list[str]) -> str:
-        """sha256 of (state-dict bytes, model config, probe settings, prompts and their token ids)."""
+    def cache_key(self, model: DiffusionLM, prompts: list[str], weights_hash: str | None = None) -> str:
+        """sha256 of (state-dict bytes, model config, probe settings, prompts and their token ids);
+        `weights_hash`: the caller's `state_dict_hash(model)`, so a run reads the weights once for all caches."""
         return stable_hash({
             "format_version": FORMAT_VERSION,
-            "model": state_dict_hash(model),
+            "model": weights_hash or state_dict_hash(model),
             "config": model.config.to_dict(),
             "settings": self.settings(),
             "prompts": list(prompts),
@@ -156,11 +157,12 @@ class FairPrior:
     def cache_path(self, key: str) -> Path | None:
         return self.cache_dir / f"prior-{key}.json" if self.cache_dir else None
 
-    def estimate(self, model: DiffusionLM, prompts: list[str], out_dir: str | Path | None = None) -> PositionPrior:
+    def estimate(self, model: DiffusionLM, prompts: list[str], out_dir: str | Path | None = None,
+                 weights_hash: str | None = None) -> PositionPrior:
         """Load the prior for (model, settings, prompts) from the cache, or probe the teacher and cache it."""
         if not prompts:
             raise ConfigError("prior=fair needs at least one calibration prompt")
-        key = self.cache_key(model, prompts)
+        key = self.cache_key(model, prompts, weights_hash)
         path = self.cache_path(key)
         prior = None
         if path is not None and path.exists() and not self.force:
