@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from fair_calib import CONF_DIR, VOLATILE_KEYS, stats
 from fair_calib.benchmark.families import FAMILY_DEFAULTS
 from fair_calib.benchmark.scores import task_scores
+from fair_calib.errors import Interrupted
 from fair_calib.models.hf_folder import resolve_device
 from fair_calib.models.validate import check_run_values, read_config
 from fair_calib.quant.base import BitSettings
@@ -325,10 +326,15 @@ class Pipeline:
             tags.append(f"experiment:{cfg.experiment_name}")
         write_text_atomic(self.run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
         self.logger.start(self.run_dir, self.plain, name=name, group=self.group, tags=tags)
+        status = "failed"
         try:
             results = self._run_stages()
+            status = "ok"
+        except (Interrupted, KeyboardInterrupt):
+            status = "interrupted"
+            raise
         finally:
-            self.logger.finish()
+            self.logger.finish(status)
         return results
 
     def _run_stages(self) -> dict[str, Any]:

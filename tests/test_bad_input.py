@@ -448,3 +448,46 @@ def test_offline_logging_makes_no_network_lookup(tmp_path, mode):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (tmp_path / "lookups.txt").read_text() == "[]"
     assert list((tmp_path / "wandb").glob("offline-run-*"))
+
+
+class _RecordingRun:
+    def __init__(self) -> None:
+        self.summary: dict = {}
+        self.exit_code = None
+
+    def finish(self, exit_code=None) -> None:
+        self.exit_code = exit_code
+
+
+@pytest.mark.parametrize(("status", "code"), [("ok", 0), ("failed", 1), ("interrupted", 130)])
+def test_wandb_run_ends_with_the_jobs_status(status, code):
+    from fair_calib.logger.wandb_logger import WandbLogger
+
+    logger = WandbLogger(mode="offline")
+    logger.run = run = _RecordingRun()
+    logger.finish(status)
+    assert run.summary == {"status": status} and run.exit_code == code and logger.run is None
+
+
+@pytest.mark.parametrize(("raised", "status"), [(Interrupted(signal.SIGTERM), "interrupted"),
+                                                (KeyboardInterrupt(), "interrupted"),
+                                                (NonFiniteWeightError("layer blocks.0.q"), "failed")])
+def test_an_interrupted_or_failed_run_finishes_its_logger_so(raised, status, tmp_path, monkeypatch):
+    from hydra import compose, initialize_config_dir
+
+    from fair_calib import CONF_DIR
+    from fair_calib.pipeline import Pipeline
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=["experiment=none", "method=rtn", "logger=none", "device=cpu"])
+    pipe = Pipeline(cfg, tmp_path / "run")
+    seen = []
+    monkeypatch.setattr(pipe.logger, "finish", lambda s="ok": seen.append(s))
+
+    def fail():
+        raise raised
+
+    monkeypatch.setattr(pipe, "_run_stages", fail)
+    with pytest.raises(type(raised)):
+        pipe.run()
+    assert seen == [status] and not (tmp_path / "run" / "results.json").exists()

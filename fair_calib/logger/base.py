@@ -25,8 +25,8 @@ class RunLogger:
     def log_image(self, name: str, path: Path) -> None:
         pass
 
-    def finish(self) -> None:
-        pass
+    def finish(self, status: str = "ok") -> None:
+        """End the run; `status` is ok, failed or interrupted."""
 
 
 def flatten(d: dict[str, Any], prefix: str = "", sep: str = ".") -> dict[str, Any]:

@@ -12,6 +12,7 @@ from fair_calib.registry import register
 
 log = logging.getLogger(__name__)
 MODES = ("auto", "offline", "online", "disabled")
+EXIT_CODES = {"ok": 0, "failed": 1, "interrupted": 130}
 
 
 @register("logger", "wandb")
@@ -64,7 +65,10 @@ class WandbLogger(RunLogger):
 
             self.run.log({name: wandb.Image(str(path))})
 
-    def finish(self) -> None:
+    def finish(self, status: str = "ok") -> None:
+        """An interrupted or failed run ends with a non-zero exit code (W&B marks it failed, not finished) and
+        `status` in its summary, so a dashboard never shows a killed run as complete."""
         if self.run is not None:
-            self.run.finish()
+            self.run.summary["status"] = status
+            self.run.finish(exit_code=EXIT_CODES.get(status, 1))
             self.run = None
