@@ -128,7 +128,8 @@ def test_rtn_weight_only_model_round_trips(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("family", "cls"), [("llada", LLaDAModelLM), ("dream", DreamModel)])
 def test_official_config_and_tensor_names_load(family: str, cls: type, tmp_path: Path) -> None:
     tensors = _write_official(tmp_path / "snap", family)
-    model = load_dllm(tmp_path / "snap")  # auto_map present, but a native model_type needs no remote code
+    # auto_map present, but a native model_type needs no remote code; an explicit dtype wins over torch_dtype
+    model = load_dllm(tmp_path / "snap", dtype="float32")
     assert type(model) is cls
     cfg = model.config
     assert (cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.intermediate_size, cfg.mask_id) == (32, 2, 4, 64, 2)
@@ -162,7 +163,8 @@ def test_sharded_index_loads(tmp_path: Path) -> None:
     _write_official(single, "dream", tensors)
     with torch.no_grad():
         torch.testing.assert_close(model(IDS), load_dllm(single)(IDS), rtol=0, atol=0)
-    assert torch.equal(model.lm_head.weight, tensors["lm_head.weight"])
+    assert model.lm_head.weight.dtype == torch.bfloat16  # dtype=auto: the config's torch_dtype
+    assert torch.equal(model.lm_head.weight, tensors["lm_head.weight"].bfloat16())
 
 
 # ---- errors -------------------------------------------------------------------------------------
@@ -265,7 +267,7 @@ def test_remote_code_needs_trust(tmp_path: Path, char_tokenizer, monkeypatch: py
 
 def test_unknown_dtype(tmp_path: Path) -> None:
     save_dllm(make_tiny("llada"), tmp_path / "m")
-    with pytest.raises(ModelLoadError, match="model.dtype=float64 unknown; valid: float32, fp32, bfloat16"):
+    with pytest.raises(ModelLoadError, match="model.dtype=float64 unknown; valid: auto, float32, fp32, bfloat16"):
         load_dllm(tmp_path / "m", dtype="float64")
 
 

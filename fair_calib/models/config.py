@@ -6,6 +6,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 FAMILIES = ("llada", "dream")
+# config.json keys that describe a saved folder, not the model: `save_dllm` writes them afresh
+FOLDER_KEYS = ("torch_dtype", "dtype")
 
 
 @dataclass
@@ -45,10 +47,10 @@ class DLLMConfig:
         return self.family == "dream"
 
     # ---- Hugging Face config.json <-> DLLMConfig -------------------------------------------
-    def to_hf_dict(self) -> dict[str, Any]:
-        """config.json in the official naming of the family (LLaDA: OLMo names; Dream: Qwen2 names)."""
+    def derived_hf_dict(self) -> dict[str, Any]:
+        """The config.json keys this config's fields determine, in the official naming of the family."""
         if self.family == "llada":
-            d = {
+            return {
                 "architectures": ["LLaDAModelLM"],
                 "model_type": "llada",
                 "d_model": self.d_model,
@@ -69,30 +71,70 @@ class DLLMConfig:
                 "activation_type": "silu",
                 "layer_norm_type": "rms",
             }
-        else:
-            d = {
-                "architectures": ["DreamModel"],
-                "model_type": "Dream",
-                "hidden_size": self.d_model,
-                "num_hidden_layers": self.n_layers,
-                "num_attention_heads": self.n_heads,
-                "num_key_value_heads": self.n_kv_heads,
-                "intermediate_size": self.intermediate_size,
-                "vocab_size": self.vocab_size,
-                "rope_theta": self.rope_theta,
-                "rms_norm_eps": self.norm_eps,
-                "tie_word_embeddings": False,
-                "mask_token_id": self.mask_id,
-                "eos_token_id": self.eos_id,
-                "pad_token_id": self.pad_id,
-                "hidden_act": "silu",
+        return {
+            "architectures": ["DreamModel"],
+            "model_type": "Dream",
+            "hidden_size": self.d_model,
+            "num_hidden_layers": self.n_layers,
+            "num_attention_heads": self.n_heads,
+            "num_key_value_heads": self.n_kv_heads,
+            "intermediate_size": self.intermediate_size,
+            "vocab_size": self.vocab_size,
+            "rope_theta": self.rope_theta,
+            "rms_norm_eps": self.norm_eps,
+            "tie_word_embeddings": False,
+            "mask_token_id": self.mask_id,
+            "eos_token_id": self.eos_id,
+            "pad_token_id": self.pad_id,
+            "hidden_act": "silu",
+        }
+
+    def official_flags(self) -> dict[str, Any]:
+        """The remaining keys the official configuration class reads, at the values the published checkpoints use.
+
+        LLaDA's `LLaDAConfig` fills absent keys from OLMo's `ModelConfig` defaults (GPT-2-like: no RoPE,
+        sequential block, dropout 0.1, max_sequence_length 1024), which its modeling code rejects
+        ("Rope must be used in Llama-Encoder for MDM"); LLaDA-8B's config.json sets all of them.
+        Dream's values are those of Dream-v0-7B (Qwen2.5: full attention, no sliding window).
+        """
+        if self.family == "llada":
+            return {
+                "alibi": False, "alibi_bias_max": 8.0, "attention_dropout": 0.0, "attention_layer_norm": False,
+                "attention_layer_norm_with_affine": True, "bias_for_layer_norm": False, "block_group_size": 1,
+                "block_type": "llama", "embedding_dropout": 0.0, "flash_attention": False, "init_cutoff_factor": None,
+                "init_device": "meta", "init_fn": "mitchell", "init_std": 0.02, "input_emb_norm": False,
+                "layer_norm_with_affine": True, "max_sequence_length": 4096, "mlp_ratio": 4,
+                "multi_query_attention": None, "precision": "amp_bf16", "residual_dropout": 0.0, "rope": True,
+                "rope_full_precision": True, "scale_logits": False, "use_cache": False,
             }
-        d.update(self.extra)
-        return d
+        return {
+            "attention_dropout": 0.0, "bos_token_id": self.eos_id, "initializer_range": 0.02,
+            "max_position_embeddings": 131072, "max_window_layers": self.n_layers, "rope_scaling": None,
+            "sliding_window": 131072, "use_cache": True, "use_sliding_window": False,
+        }
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """config.json in the official naming of the family (LLaDA: OLMo names; Dream: Qwen2 names).
+
+        Official flags first, then what the fields determine, then every other key the source
+        config.json carried (`extra`), so a load -> save keeps unknown keys.
+        """
+        return {**self.official_flags(), **self.derived_hf_dict(), **self.extra}
 
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any]) -> DLLMConfig:
-        """Read an official LLaDA or Dream config.json (or one written by `to_hf_dict`)."""
+        """Read an official LLaDA or Dream config.json (or one written by `to_hf_dict`), keeping unknown keys."""
+        cfg = cls._architecture(d)
+        derived, flags = cfg.derived_hf_dict(), cfg.official_flags()
+        # keys `to_hf_dict` writes with the same value anyway are not extra (a round trip compares equal)
+        cfg.extra = {k: v for k, v in d.items()
+                     if k not in derived and k not in FOLDER_KEYS and not (k in flags and flags[k] == v)}
+        if cfg.family == "llada" and d.get("vocab_size", cfg.vocab_size) != cfg.vocab_size:
+            cfg.extra["vocab_size"] = d["vocab_size"]  # OLMo: vocab_size < embedding_size (padded)
+        return cfg
+
+    @classmethod
+    def _architecture(cls, d: dict[str, Any]) -> DLLMConfig:
         model_type = str(d.get("model_type", "")).lower()
         if model_type == "llada" or "d_model" in d:
             n_heads = int(d["n_heads"])
@@ -133,6 +175,11 @@ class DLLMConfig:
             f"config.json has model_type {d.get('model_type')!r}: expected an LLaDA ('llada') "
             "or Dream ('Dream') configuration"
         )
+
+    def generation_config(self) -> dict[str, Any]:
+        """Dream's generation_config.json (its `from_pretrained` reads one): the special token ids."""
+        return {"_from_model_config": True, "bos_token_id": self.extra.get("bos_token_id", self.eos_id),
+                "eos_token_id": self.eos_id, "pad_token_id": self.pad_id, "mask_token_id": self.mask_id}
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

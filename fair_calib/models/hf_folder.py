@@ -59,7 +59,7 @@ def resolve_device(device: str) -> torch.device:
 class HFFolderModel:
     """Model spec: validated at build time (no weights read), loaded by `load()`."""
 
-    def __init__(self, path: str, label: str | None = None, dtype: str = "float32", trust_remote_code: bool = False,
+    def __init__(self, path: str, label: str | None = None, dtype: str = "auto", trust_remote_code: bool = False,
                  family: str | None = None) -> None:
         check_dtype(dtype)
         self.path = resolve_model_path(path)

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -18,6 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from fair_calib.models.dllm import DiffusionLM
 from fair_calib.models.validate import (
+    DTYPE_BYTES,
     INDEX,
     NATIVE_TYPES,
     ModelLoadError,
@@ -25,18 +28,49 @@ from fair_calib.models.validate import (
     check_model_folder,
     read_config,
     skeleton,
+    weight_headers,
 )
 
 __all__ = ["ModelLoadError", "load_dllm", "read_config", "save_dllm"]
 log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+AUTO = "auto"  # the folder's config.json `torch_dtype` (float32 when it names none)
+FLOAT_CODES = ("F64", "F32", "F16", "BF16", "F8_E5M2", "F8_E4M3")
 
 
-def check_dtype(dtype: str) -> torch.dtype:
+def check_dtype(dtype: str) -> torch.dtype | None:
+    """`model.dtype` as a torch dtype; None for `auto` (resolved per folder by `resolve_dtype`)."""
+    if dtype == AUTO:
+        return None
     if dtype not in DTYPES:
-        raise ModelLoadError(f"model.dtype={dtype} unknown; valid: {', '.join(DTYPES)}")
+        raise ModelLoadError(f"model.dtype={dtype} unknown; valid: {AUTO}, {', '.join(DTYPES)}")
     return DTYPES[dtype]
+
+
+def resolve_dtype(dtype: str, raw: dict) -> tuple[torch.dtype, str]:
+    """(dtype, where it came from): an explicit `model.dtype` wins; `auto` reads config.json's `torch_dtype`."""
+    explicit = check_dtype(dtype)
+    if explicit is not None:
+        return explicit, f"model.dtype={dtype}"
+    named = raw.get("torch_dtype", raw.get("dtype"))
+    if named is None:
+        return torch.float32, "auto: config.json names no torch_dtype"
+    named = str(named).removeprefix("torch.")
+    if named not in DTYPES:
+        raise ModelLoadError(f"config.json has torch_dtype={named!r}, which model.dtype=auto cannot use: "
+                             f"set model.dtype to one of {', '.join(DTYPES)}")
+    return DTYPES[named], f"auto: config.json torch_dtype={named}"
+
+
+def weights_bytes(folder: Path, dtype: torch.dtype) -> int:
+    """Bytes the folder's tensors take once loaded: floating tensors in `dtype`, the others as stored."""
+    size = torch.empty((), dtype=dtype).element_size()
+    total = 0
+    for code, shape in weight_headers(folder).values():
+        numel = math.prod(shape)
+        total += numel * size if code in FLOAT_CODES else numel * DTYPE_BYTES.get(code, 4)
+    return total
 
 
 def load_state_dict(folder: Path) -> dict[str, torch.Tensor]:
@@ -68,12 +102,17 @@ def load_tokenizer(folder: Path, trust_remote_code: bool = False):
         return None
 
 
-def load_dllm(path: str | Path, dtype: str = "float32", device: str | torch.device = "cpu",
+def load_dllm(path: str | Path, dtype: str = AUTO, device: str | torch.device = "cpu",
               trust_remote_code: bool = False) -> DiffusionLM:
-    """Build the native LLaDA/Dream module tree from `path` and load its weights strictly."""
+    """Build the native LLaDA/Dream module tree from `path` and load its weights strictly.
+
+    `dtype=auto` loads in the folder's `torch_dtype` (a bf16 snapshot stays bf16); an explicit dtype wins.
+    The dtype and the memory the weights will take are logged before anything is read.
+    """
     folder = Path(path)
     check_dtype(dtype)
     raw = read_config(folder)
+    torch_dtype, source = resolve_dtype(dtype, raw)
     model_type = str(raw.get("model_type", "")).lower()
     if model_type not in NATIVE_TYPES:
         if raw.get("auto_map") and not trust_remote_code:
@@ -86,11 +125,13 @@ def load_dllm(path: str | Path, dtype: str = "float32", device: str | torch.devi
         check_model_folder(folder, trust_remote_code=True)
         from fair_calib.models.remote import load_remote_dllm
 
-        return load_remote_dllm(folder, raw, DTYPES[dtype], device)
+        _announce(folder, torch_dtype, source)
+        return load_remote_dllm(folder, raw, torch_dtype, device)
     check_model_folder(folder)  # config keys, safetensors headers, tensor names and shapes: before any weights load
+    _announce(folder, torch_dtype, source)
     model = skeleton(raw, architecture(raw, folder / "config.json"))
     state = load_state_dict(folder)
-    model.load_state_dict({k: v.to(DTYPES[dtype]) if v.is_floating_point() else v for k, v in state.items()},
+    model.load_state_dict({k: v.to(torch_dtype) if v.is_floating_point() else v for k, v in state.items()},
                           assign=True)
     model.to(device)
     model.tokenizer = load_tokenizer(folder, trust_remote_code)
@@ -98,8 +139,66 @@ def load_dllm(path: str | Path, dtype: str = "float32", device: str | torch.devi
     return model
 
 
-def save_dllm(model: DiffusionLM, path: str | Path, extra_files: dict[str, str] | None = None) -> Path:
-    """Write config.json + model.safetensors (+ tokenizer) atomically: a temp folder renamed in place."""
+def _announce(folder: Path, dtype: torch.dtype, source: str) -> None:
+    gib = weights_bytes(folder, dtype) / 2**30
+    log.info("loading %s in %s (%s): %.2f GiB of weights", folder, str(dtype).removeprefix("torch."), source, gib)
+
+
+# ---- saving ------------------------------------------------------------------------------------
+REMOTE_AUTO_CLASSES = {"llada": ("AutoModel", "AutoModelForCausalLM"), "dream": ("AutoModel",)}
+RELATIVE_IMPORT = re.compile(r"^\s*from\s+\.(\w+)\s+import", re.MULTILINE)
+
+
+def remote_code_files(path: str | Path) -> list[Path]:
+    """A user-provided modeling file and the sibling modules it imports relatively (`from .configuration_x import`)."""
+    first = Path(path)
+    if not first.is_file() or first.suffix != ".py":
+        raise ModelLoadError(f"with_remote_code={path}: expected the path of a modeling .py file "
+                             "(e.g. the official modeling_llada.py)")
+    files, todo = [], [first]
+    while todo:
+        f = todo.pop()
+        if f in files:
+            continue
+        files.append(f)
+        for name in RELATIVE_IMPORT.findall(f.read_text()):
+            sibling = f.parent / f"{name}.py"
+            if not sibling.is_file():
+                raise ModelLoadError(f"{f.name} imports .{name}, but {sibling} does not exist: put it next to {f.name}")
+            todo.append(sibling)
+    return files
+
+
+def remote_auto_map(files: list[Path], config: dict) -> dict[str, str]:
+    """auto_map for the copied files: the PretrainedConfig subclass and the class named in `architectures`."""
+    arch = config["architectures"][0]
+    config_ref = model_ref = None
+    for f in files:
+        text = f.read_text()
+        found = re.search(r"^class\s+(\w+)\(\s*PretrainedConfig\s*\)", text, re.MULTILINE)
+        if found and config_ref is None:
+            config_ref = f"{f.stem}.{found.group(1)}"
+        if re.search(rf"^class\s+{re.escape(arch)}\(", text, re.MULTILINE):
+            model_ref = f"{f.stem}.{arch}"
+    if config_ref is None or model_ref is None:
+        missing = [what for what, ref in (("a PretrainedConfig subclass", config_ref), (f"class {arch}", model_ref))
+                   if ref is None]
+        raise ModelLoadError(f"with_remote_code: {' and '.join(missing)} not found in "
+                             f"{', '.join(f.name for f in files)}")
+    family = "llada" if config.get("model_type") == "llada" else "dream"
+    return {"AutoConfig": config_ref, **{auto: model_ref for auto in REMOTE_AUTO_CLASSES[family]}}
+
+
+def save_dllm(model: DiffusionLM, path: str | Path, extra_files: dict[str, str] | None = None,
+              with_remote_code: str | Path | None = None) -> Path:
+    """Write config.json + model.safetensors (+ tokenizer) atomically: a temp folder renamed in place.
+
+    config.json carries every key the official configuration class reads (`DLLMConfig.to_hf_dict`),
+    the keys the source folder had, and `torch_dtype`; Dream folders get a generation_config.json.
+    `with_remote_code=<modeling .py>` copies that user-provided file (and the modules it imports)
+    and writes the `auto_map` that lets `transformers` load the folder with `trust_remote_code`;
+    without it, no `auto_map` (we ship no modeling code).
+    """
     folder = Path(path)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
@@ -109,7 +208,17 @@ def save_dllm(model: DiffusionLM, path: str | Path, extra_files: dict[str, str] 
             if v.is_floating_point() and not torch.isfinite(v).all():
                 raise ValueError(f"refusing to save non-finite weights in {k}")
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(model.config.to_hf_dict(), indent=2) + "\n")
+        config = model.config.to_hf_dict()
+        config.pop("auto_map", None)  # the source folder's modeling files are not copied (unless asked below)
+        config["torch_dtype"] = str(model.embed_tokens.weight.dtype).removeprefix("torch.")
+        if with_remote_code is not None:
+            files = remote_code_files(with_remote_code)
+            for f in files:
+                shutil.copyfile(f, tmp / f.name)
+            config["auto_map"] = remote_auto_map(files, config)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        if model.config.family == "dream":
+            (tmp / "generation_config.json").write_text(json.dumps(model.config.generation_config(), indent=2) + "\n")
         if model.tokenizer is not None:
             model.tokenizer.save_pretrained(str(tmp))
         for name, text in (extra_files or {}).items():
