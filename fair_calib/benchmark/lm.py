@@ -8,6 +8,9 @@
   sample j masks m_j of the L continuation tokens (m_j stratified over the samples, positions
   uniform); log p(continuation | context) ~ -(1/n) sum_j sum_{i masked in j} CE_i / (m_j / L).
   With `cfg_scale` > 0 the logits are LLaDA's guided ones (un + (cfg+1)(cond - un), prompt masked).
+  `estimator=official` draws the counts as the reference `forward_process` does instead (per batch of
+  `mc_batch_size`: round-half-to-even of an evenly spaced float32 line from a random start), which
+  is not uniform on 1..L for many L and so biases the estimate; `stratified` (default) is exact.
   `is_greedy` (when `check_greedy`): unmasking the continuation one most-confident token at a time
   with argmax tokens reproduces it (LLaDA's `suffix_greedy_prediction`).
 - `loglikelihood_rolling`: the same estimator over the whole text (windows of `rolling_window`
@@ -54,6 +57,31 @@ def stratified_mask_counts(target_len: int, n: int, generator: torch.Generator |
     return (start - 1 + offsets) % target_len + 1
 
 
+def official_mask_counts(target_len: int, batch_size: int, start: int) -> Tensor:
+    """LLaDA `forward_process` counts of one batch from start k: wrap(round(linspace(k, k + (b - 1) L / b, b))).
+
+    The end point is formed as the reference forms it (int tensor + float -> float32), the line in float32,
+    `torch.round` rounds half to even; counts are wrapped into 1..L by ((x - 1) mod L) + 1.
+    """
+    end = float(torch.tensor(start) + (batch_size - 1) * (target_len / batch_size))
+    line = torch.round(torch.linspace(float(start), end, steps=batch_size)).long()
+    return (line - 1) % target_len + 1
+
+
+def official_masks(target_len: int, mc_num: int, batch_size: int, generator: torch.Generator | None = None) -> Tensor:
+    """(mc_num, L) masks drawn in the reference order: per batch a start k, then one permutation per row."""
+    b = min(batch_size, mc_num)
+    if mc_num % b:
+        raise ConfigError(f"estimator=official draws mc_num / mc_batch_size batches (LLaDA's get_log_likelihood): "
+                          f"mc_num={mc_num} is not a multiple of mc_batch_size={b}")
+    rows = []
+    for _ in range(mc_num // b):
+        start = int(torch.randint(1, target_len + 1, (), generator=generator))
+        for count in official_mask_counts(target_len, b, start).tolist():
+            rows.append(torch.randperm(target_len, generator=generator) < count)
+    return torch.stack(rows)
+
+
 def random_masks(counts: Tensor, target_len: int, generator: torch.Generator | None = None) -> Tensor:
     """(n, L) bool: row j masks `counts[j]` positions chosen uniformly (a random permutation's first m_j slots)."""
     perm = torch.rand(len(counts), target_len, generator=generator).argsort(dim=1)
@@ -70,14 +98,28 @@ def guided_logits(model: DiffusionLM, x: Tensor, prompt_len: int, cfg_scale: flo
     return un + (cfg_scale + 1) * (cond - un)
 
 
-def mc_masks(target_len: int, mc_num: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+ESTIMATORS = ("stratified", "official")
+
+
+def check_estimator(estimator: str) -> str:
+    if estimator not in ESTIMATORS:
+        raise ConfigError(f"benchmark.estimator={estimator!r} unknown; valid: {', '.join(ESTIMATORS)}")
+    return estimator
+
+
+def mc_masks(target_len: int, mc_num: int, generator: torch.Generator | None = None, estimator: str = "stratified",
+             batch_size: int = 16) -> tuple[Tensor, Tensor]:
     """The distinct masks of one estimate and how often each was drawn: ((u, L) bool, (u,) float).
 
-    All `mc_num` masks are drawn up front (counts stratified over the whole set), so the estimate
-    does not depend on how sequences are batched. Identical masks (frequent for short continuations)
-    are run once and counted with their multiplicity: same estimate, fewer forwards.
+    All `mc_num` masks are drawn up front (`stratified`: counts stratified over the whole set, so the
+    estimate does not depend on how sequences are batched; `official`: LLaDA's per-batch counts,
+    `batch_size` per batch). Identical masks (frequent for short continuations) are run once and
+    counted with their multiplicity: same estimate, fewer forwards.
     """
-    masks = random_masks(stratified_mask_counts(target_len, mc_num, generator), target_len, generator)
+    if check_estimator(estimator) == "official":
+        masks = official_masks(target_len, mc_num, batch_size, generator)
+    else:
+        masks = random_masks(stratified_mask_counts(target_len, mc_num, generator), target_len, generator)
     unique, inverse = torch.unique(masks, dim=0, return_inverse=True)
     return unique, torch.bincount(inverse, minlength=len(unique)).float()
 
@@ -85,7 +127,8 @@ def mc_masks(target_len: int, mc_num: int, generator: torch.Generator | None = N
 @torch.no_grad()
 def mc_loglikelihoods(model: DiffusionLM, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], mc_num: int = 16,
                       batch_size: int = 16, generators: Sequence[torch.Generator | None] | None = None,
-                      cfg_scale: float = 0.0, progress: bool = False, desc: str = "loglikelihood (MC)") -> list[float]:
+                      cfg_scale: float = 0.0, progress: bool = False, desc: str = "loglikelihood (MC)",
+                      estimator: str = "stratified") -> list[float]:
     """Monte Carlo estimates of log p(continuation | context) for many (context, continuation) pairs.
 
     Each pair draws its masks from its own generator (`mc_masks`); the masked sequences of all pairs
@@ -102,7 +145,7 @@ def mc_loglikelihoods(model: DiffusionLM, pairs: Sequence[tuple[Sequence[int], S
         if not continuation:
             continue
         seq = torch.tensor(list(context) + list(continuation), dtype=torch.long)
-        unique, multiplicity = mc_masks(len(continuation), mc_num, gen)
+        unique, multiplicity = mc_masks(len(continuation), mc_num, gen, estimator, batch_size)
         shape = (len(context), len(continuation))
         rows.setdefault(shape, []).extend((k, seq, m, float(w)) for m, w in zip(unique, multiplicity))
     totals = torch.zeros(len(pairs), dtype=torch.float64)
@@ -130,9 +173,10 @@ def mc_loglikelihoods(model: DiffusionLM, pairs: Sequence[tuple[Sequence[int], S
 
 def mc_loglikelihood(model: DiffusionLM, context: Sequence[int], continuation: Sequence[int], mc_num: int = 16,
                      mc_batch_size: int = 16, generator: torch.Generator | None = None,
-                     cfg_scale: float = 0.0) -> float:
+                     cfg_scale: float = 0.0, estimator: str = "stratified") -> float:
     """Monte Carlo estimate of log p(continuation | context); the context is never masked (`mc_loglikelihoods`)."""
-    return mc_loglikelihoods(model, [(context, continuation)], mc_num, mc_batch_size, [generator], cfg_scale)[0]
+    return mc_loglikelihoods(model, [(context, continuation)], mc_num, mc_batch_size, [generator], cfg_scale,
+                             estimator=estimator)[0]
 
 
 @torch.no_grad()
@@ -222,7 +266,7 @@ class DiffusionEvalLM(LM):
                  max_gen_toks: int = 256, max_length: int = 4096, add_special_tokens: bool = False,
                  show_progress: bool = True, max_batch_size: int | None = None, cfg_scale: float | None = None,
                  check_greedy: bool = False, rolling_window: int | None = None, rolling_context: int = 0,
-                 **sampler_args: Any) -> None:
+                 estimator: str = "stratified", **sampler_args: Any) -> None:
         super().__init__()
         self._rank, self._world_size, device = join_data_parallel(str(device))
         if model is None:
@@ -258,6 +302,10 @@ class DiffusionEvalLM(LM):
         self.seed = int(seed)
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 32  # "auto" -> default
         self.mc_num, self.mc_batch_size = int(mc_num), int(mc_batch_size)
+        self.estimator = check_estimator(str(estimator))
+        if self.estimator == "official" and self.mc_num % min(self.mc_batch_size, self.mc_num):
+            raise ConfigError(f"estimator=official: mc_num={self.mc_num} must be a multiple of "
+                              f"mc_batch_size={self.mc_batch_size} (LLaDA's get_log_likelihood draws whole batches)")
         self.gen_length = int(gen_length) if gen_length is not None else None
         self.max_gen_toks = int(max_gen_toks)
         self.max_length = int(max_length)
@@ -331,7 +379,7 @@ class DiffusionEvalLM(LM):
     def _estimate(self, pairs: list[tuple[list[int], list[int]]], disable_tqdm: bool, desc: str) -> list[float]:
         gens = [torch.Generator().manual_seed(request_seed(self.seed, ctx, cont)) for ctx, cont in pairs]
         return mc_loglikelihoods(self.model, pairs, self.mc_num, self.mc_batch_size, gens, self.cfg_scale,
-                                 progress=self.show_progress and not disable_tqdm, desc=desc)
+                                 progress=self.show_progress and not disable_tqdm, desc=desc, estimator=self.estimator)
 
     @contextlib.contextmanager
     def _eval_mode(self):
@@ -371,8 +419,8 @@ class DiffusionEvalLM(LM):
         return results
 
     def get_model_info(self) -> dict[str, Any]:
-        return {"sampler": type(self.sampler).__name__, "mc_num": self.mc_num, "seed": self.seed,
-                "cfg_scale": self.cfg_scale, "mask_id": int(self.model.mask_id)}
+        return {"sampler": type(self.sampler).__name__, "mc_num": self.mc_num, "estimator": self.estimator,
+                "seed": self.seed, "cfg_scale": self.cfg_scale, "mask_id": int(self.model.mask_id)}
 
     # ---- chat template -------------------------------------------------------------------------
     def chat_template(self, chat_template: bool | str = False) -> str | None:

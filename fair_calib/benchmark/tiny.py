@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from fair_calib.benchmark.lm import DiffusionEvalLM, fit_sampler
+from fair_calib.benchmark.lm import DiffusionEvalLM, check_estimator, fit_sampler
 from fair_calib.benchmark.tinyreason_tasks import LM_EVAL_NAME, TASKS_DIR, available, read_rows
 from fair_calib.data.tinyreason import TASKS
 from fair_calib.decoding.base import Sampler
@@ -116,7 +116,9 @@ class TinyBenchmark:
     def __init__(self, tasks: list[str] | tuple[str, ...] = TASKS, n: Mapping[str, int] | None = None,
                  gen_length: Mapping[str, int] | None = None, mc_num: int = 16, mc_batch_size: int = 16,
                  batch_size: int = 64, bootstrap_iters: int = 0, diagnostic_task: str = "word_problems",
-                 max_length: int = 4096, show_progress: bool = True, likelihood: bool = True) -> None:
+                 max_length: int = 4096, show_progress: bool = True, likelihood: bool = True,
+                 estimator: str = "stratified") -> None:
+        self.estimator = check_estimator(str(estimator))
         unknown = [t for t in tasks if t not in TASKS]
         if unknown or not tasks:
             raise ConfigError(f"benchmark.tasks {list(tasks)}: valid tinyreason tasks are {', '.join(TASKS)}")
@@ -180,7 +182,7 @@ class TinyBenchmark:
 
         lm = DiffusionEvalLM(model, sampler, seed=seed, batch_size=self.batch_size, mc_num=self.mc_num,
                              mc_batch_size=self.mc_batch_size, max_length=self.max_length,
-                             show_progress=self.show_progress)
+                             show_progress=self.show_progress, estimator=self.estimator)
         counts = {t: min(int(self.n[t]), limit) if limit else int(self.n[t]) for t in self.tasks}
         companions = {LM_EVAL_NAME[t]: f"{LM_EVAL_NAME[t]}_ll" for t in self.tasks
                       if self.likelihood and t in GENERATION_TASKS}

@@ -24,6 +24,16 @@ def check_temperature(value: object, key: str = "decoding.temperature") -> None:
                                   f"e.g. {key}=0.0")
 
 
+NUMERICS = ("exact", "official")
+
+
+def check_numerics(value: object) -> None:
+    """`decoding.numerics`: `exact` (our arithmetic: fp64 confidences, draws over the canvas) or `official`
+    (the official samplers' arithmetic and random draws, to match published numbers token for token)."""
+    if value not in NUMERICS:
+        raise DecodingConfigError(f"decoding.numerics={value!r} unknown; valid: {', '.join(NUMERICS)}")
+
+
 @dataclass
 class GenerationOutput:
     tokens: Tensor  # (B, G) answer tokens

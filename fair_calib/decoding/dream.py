@@ -5,6 +5,14 @@ int(n_masked * (1 - s / t)) positions (all remaining at the last step). `alg` ra
 positions: `origin` (each masked position is committed with probability 1 - s/t, random order),
 `maskgit_plus` (top-1 probability), `topk_margin` (top1 - top2), `entropy` (negative entropy,
 the default). `alg_temp > 0` samples the positions from softmax(confidence / alg_temp).
+
+`numerics` picks the arithmetic. `exact` (default): the mask token's logit is suppressed, the token
+softmax runs in float32, `origin` draws one uniform per canvas position. `official`: Dream's
+`diffusion_generate` as published: no mask suppression, the softmax in the logits' dtype, tokens
+drawn like `torch.distributions.Categorical` (renormalized probabilities, multinomial with
+replacement), `origin` draws float32 uniforms over the masked positions only (row-major order,
+then the tokens of the chosen ones), all from the seeded generator (the official code uses the
+global RNG: seeding both the same gives the same numbers).
 """
 
 from __future__ import annotations
@@ -15,7 +23,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fair_calib.decoding.base import DecodingConfigError, GenerationOutput, Sampler, check_temperature, forward_logits
+from fair_calib.decoding.base import (
+    DecodingConfigError,
+    GenerationOutput,
+    Sampler,
+    check_numerics,
+    check_temperature,
+    forward_logits,
+)
 from fair_calib.decoding.trace import CommitTrace
 from fair_calib.models.dllm import DiffusionLM
 from fair_calib.registry import register
@@ -38,13 +53,16 @@ def filter_logits(logits: Tensor, top_p: float | None, top_k: int | None) -> Ten
 
 
 def sample_tokens(logits: Tensor, temperature: float, top_p: float | None, top_k: int | None, alg: str,
-                  generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
-    """(N, V) logits -> (confidence, token) under Dream's rules for `alg`."""
+                  generator: torch.Generator | None, official: bool = False) -> tuple[Tensor, Tensor]:
+    """(N, V) logits -> (confidence, token) under Dream's rules for `alg` (`official`: see the module docstring)."""
     if temperature > 0:
         logits = logits / temperature
     logits = filter_logits(logits, top_p, top_k)
-    probs = torch.softmax(logits.float(), dim=-1)
-    if temperature > 0:
+    probs = torch.softmax(logits if official else logits.float(), dim=-1)
+    if temperature > 0 and official:  # what Categorical(probs=probs).sample() draws
+        x0 = torch.multinomial(probs / probs.sum(-1, keepdim=True), 1, True, generator=generator).squeeze(-1)
+        confidence = probs.gather(-1, x0[:, None]).squeeze(-1)
+    elif temperature > 0:
         x0 = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
         confidence = probs.gather(-1, x0[:, None]).squeeze(-1)
     else:
@@ -68,9 +86,11 @@ class DreamSampler(Sampler):
     top_p: float | None = None
     top_k: int | None = None
     eps: float = 1e-3
+    numerics: str = "exact"
 
     def __post_init__(self) -> None:
         check_temperature(self.temperature)
+        check_numerics(self.numerics)
         check_temperature(self.alg_temp, "decoding.alg_temp")
         if self.alg not in ALGS:
             raise DecodingConfigError(f"alg {self.alg!r} unknown; valid: {', '.join(ALGS)}")
@@ -88,27 +108,32 @@ class DreamSampler(Sampler):
                             model.mask_id) if record_trace else None
         timesteps = torch.linspace(1, self.eps, self.steps + 1, device=x.device)
         b = x.shape[0]
+        official = self.numerics == "official"
         for i in range(self.steps):
             mask_index = x == model.mask_id
             if not mask_index.any():
                 break
-            logits = forward_logits(model, x, attn)
+            logits = forward_logits(model, x, attn, suppress_mask=not official)
             t, s = timesteps[i], timesteps[i + 1]
             transfer = torch.zeros_like(mask_index)
-            full_conf = torch.full(x.shape, -torch.inf, device=x.device)
+            full_conf = torch.full(x.shape, -torch.inf, device=x.device, dtype=logits.dtype if official else None)
             x0_full = x.clone()
             if self.alg == "origin":
                 p_transfer = float(1 - s / t) if i < self.steps - 1 else 1.0
-                draw = torch.rand(x.shape, device=x.device, generator=generator)
+                if official:  # one float32 uniform per masked position, row-major
+                    draw = torch.full(x.shape, 2.0, device=x.device)
+                    draw[mask_index] = torch.rand(int(mask_index.sum()), device=x.device, generator=generator)
+                else:
+                    draw = torch.rand(x.shape, device=x.device, generator=generator)
                 transfer = mask_index & (draw < p_transfer)
                 if transfer.any():
                     _, x0 = sample_tokens(logits[transfer], self.temperature, self.top_p, self.top_k, "origin",
-                                          generator)
+                                          generator, official)
                     x0_full[transfer] = x0
-                full_conf[mask_index] = draw[mask_index].neg()  # recorded order: earlier draws commit first
+                full_conf[mask_index] = draw[mask_index].neg().to(full_conf.dtype)  # earlier draws commit first
             else:
                 conf, x0 = sample_tokens(logits[mask_index], self.temperature, self.top_p, self.top_k, self.alg,
-                                         generator)
+                                         generator, official)
                 full_conf[mask_index] = conf
                 x0_full[mask_index] = x0
                 n_masked = mask_index.sum() / b

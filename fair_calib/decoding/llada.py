@@ -7,6 +7,14 @@ float64, confidence = softmax probability of the chosen token (`low_confidence`)
 random (`random`), positions after the current block at -inf, commit the top-k masked positions.
 `threshold` switches to Fast-dLLM: commit every masked position of the block whose confidence is
 at least the threshold, and at least the most confident one.
+
+`numerics` picks the arithmetic. `exact` (default): the mask token's logit is suppressed, confidences
+are softmax probabilities in float64 and random-remasking draws float64 numbers. `official`:
+ML-GSAI/LLaDA `generate()` as published: no mask suppression, the confidence softmax in float32 (where
+guidance sharpens the logits several positions reach exactly 1.0 and `topk` keeps the lowest
+index), random remasking draws float32 uniforms over the whole (B, prompt + gen) canvas, each step
+after the Gumbel noise, from the seeded generator (the official code uses the global RNG: seeding
+both the same gives the same numbers). Fast-dLLM (`threshold`) keeps the mask suppression in both.
 """
 
 from __future__ import annotations
@@ -16,7 +24,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from fair_calib.decoding.base import DecodingConfigError, GenerationOutput, Sampler, check_temperature, forward_logits
+from fair_calib.decoding.base import (
+    DecodingConfigError,
+    GenerationOutput,
+    Sampler,
+    check_numerics,
+    check_temperature,
+    forward_logits,
+)
 from fair_calib.decoding.trace import CommitTrace
 from fair_calib.models.dllm import DiffusionLM
 from fair_calib.registry import register
@@ -52,9 +67,11 @@ class LLaDASampler(Sampler):
     cfg_scale: float = 0.0
     remasking: str = "low_confidence"
     threshold: float | None = None
+    numerics: str = "exact"
 
     def __post_init__(self) -> None:
         check_temperature(self.temperature)
+        check_numerics(self.numerics)
         self.validate(self.gen_length)
         if self.remasking not in REMASKING:
             raise DecodingConfigError(f"remasking {self.remasking!r} unknown; valid: {', '.join(REMASKING)}")
@@ -70,16 +87,31 @@ class LLaDASampler(Sampler):
             raise DecodingConfigError(f"steps {self.steps} is not a multiple of the number of blocks "
                                       f"{gen_length // self.block_length} (gen_length / block_length)")
 
+    @property
+    def suppress_mask(self) -> bool:
+        """The official sampler leaves the mask token's logit in the softmax; ours (and Fast-dLLM) remove it."""
+        return self.numerics == "exact" or self.threshold is not None
+
     def _logits(self, model: DiffusionLM, x: Tensor, attn: Tensor, prompt_len: int) -> Tensor:
         if self.cfg_scale <= 0:
-            return forward_logits(model, x, attn)
+            return forward_logits(model, x, attn, suppress_mask=self.suppress_mask)
         un = x.clone()
         un[:, :prompt_len] = model.mask_id  # unconditional branch: the prompt masked
         both = forward_logits(model, torch.cat([x, un]), torch.cat([attn, attn]), suppress_mask=False)
         cond, uncond = both.chunk(2)
         guided = uncond + (self.cfg_scale + 1) * (cond - uncond)
-        guided[..., model.mask_id] = -torch.inf
+        if self.suppress_mask:
+            guided[..., model.mask_id] = -torch.inf
         return guided
+
+    def _confidence(self, logits: Tensor, x0: Tensor, generator: torch.Generator | None) -> Tensor:
+        """(B, N) confidence of each position's sampled token: its probability, or a uniform draw (`random`)."""
+        official = self.numerics == "official"
+        if self.remasking == "low_confidence":
+            probs = torch.softmax(logits.float() if official else logits.double(), dim=-1)
+            return probs.gather(-1, x0[..., None]).squeeze(-1)
+        dtype = torch.float32 if official else torch.float64
+        return torch.rand(x0.shape, dtype=dtype, device=x0.device, generator=generator)
 
     @torch.no_grad()
     def generate(self, model: DiffusionLM, prompt: Tensor, prompt_mask: Tensor | None = None, *,
@@ -104,11 +136,7 @@ class LLaDASampler(Sampler):
                 mask_index = x == model.mask_id
                 logits = self._logits(model, x, attn, p)
                 x0 = add_gumbel_noise(logits, self.temperature, generator).argmax(-1)
-                if self.remasking == "low_confidence":
-                    probs = torch.softmax(logits.double(), dim=-1)
-                    x0_p = probs.gather(-1, x0[..., None]).squeeze(-1)
-                else:
-                    x0_p = torch.rand(x0.shape, dtype=torch.float64, device=x.device, generator=generator)
+                x0_p = self._confidence(logits, x0, generator)
                 x0_p[:, hi:] = -torch.inf
                 x0 = torch.where(mask_index, x0, x)
                 confidence = torch.where(mask_index, x0_p, torch.full_like(x0_p, -torch.inf))
