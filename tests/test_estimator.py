@@ -9,14 +9,25 @@ from __future__ import annotations
 
 import itertools
 import math
+from fractions import Fraction
 
 import pytest
 import torch
 from conftest import tiny_config
 from torch import Tensor, nn
 
-from fair_calib.benchmark.lm import greedy_unmask, guided_logits, mc_loglikelihood, rolling_windows
+from fair_calib.benchmark.lm import (
+    greedy_unmask,
+    guided_logits,
+    mc_loglikelihood,
+    mc_masks,
+    official_mask_counts,
+    official_masks,
+    rolling_windows,
+    stratified_mask_counts,
+)
 from fair_calib.models.dllm import DiffusionLM
+from fair_calib.registry import ConfigError
 
 MASK = 2  # tiny_config's mask id; the toy vocabulary is {0 pad, 1 eot, 2 mask, 3, 4, 5}
 VOCAB = 6
@@ -156,3 +167,92 @@ def test_rolling_windows() -> None:
     assert rolling_windows(toks, 4, 3) == [([], [0, 1, 2, 3]), ([1, 2, 3], [4, 5, 6, 7]), ([5, 6, 7], [8, 9])]
     assert rolling_windows(toks, 16) == [([], toks)]
     assert rolling_windows([], 4) == []
+
+
+# ---- the mask-count distribution of both estimators, against enumeration ------------------------------
+def exact_elbo_by_count(model: DiffusionLM, context: list[int], answer: list[int]) -> list[float]:
+    """E[(L / m) sum_{i in M} log p(x_i | x_M masked) | |M| = m] for m = 1..L, enumerating every subset."""
+    p, length = len(context), len(answer)
+    seq = torch.tensor([context + answer])
+    out = []
+    for m in range(1, length + 1):
+        subsets = list(itertools.combinations(range(length), m))
+        total = 0.0
+        for subset in subsets:
+            x = seq.clone()
+            x[0, [p + i for i in subset]] = MASK
+            logp = torch.log_softmax(model(x)[0].double(), -1)
+            total += sum(logp[p + i, answer[i]].item() for i in subset) * length / m
+        out.append(total / len(subsets))
+    return out
+
+
+def _by_hand_official(length: int, b: int, k: int) -> list[int]:
+    """LLaDA forward_process counts from start k in exact rationals: round-half-even(k + j L / b), wrapped."""
+    return [(round(Fraction(k) + Fraction(j * length, b)) - 1) % length + 1 for j in range(b)]
+
+
+def _by_hand_stratified(length: int, n: int, k: int) -> list[int]:
+    return [(k - 1 + (j * length) // n) % length + 1 for j in range(n)]
+
+
+def _distribution(counts_of_start, length: int) -> list[Fraction]:
+    """P(m) for m = 1..L of one drawn count: the start k uniform on 1..L, the slot j uniform."""
+    hits = [0] * (length + 1)
+    for k in range(1, length + 1):
+        for m in counts_of_start(k):
+            hits[m] += 1
+    total = sum(hits)
+    return [Fraction(h, total) for h in hits[1:]]
+
+
+def _tv_from_uniform(p: list[Fraction]) -> Fraction:
+    return sum(abs(q - Fraction(1, len(p))) for q in p) / 2
+
+
+@pytest.mark.parametrize("length", range(1, 21))
+def test_mask_count_distributions_match_enumeration(length: int) -> None:
+    b = 16
+    for k in range(1, length + 1):
+        assert official_mask_counts(length, b, k).tolist() == _by_hand_official(length, b, k), k
+        assert stratified_mask_counts(length, b, start=k).tolist() == _by_hand_stratified(length, b, k), k
+    stratified = _distribution(lambda k: stratified_mask_counts(length, b, start=k).tolist(), length)
+    official = _distribution(lambda k: official_mask_counts(length, b, k).tolist(), length)
+    assert stratified == [Fraction(1, length)] * length  # exactly uniform: the ELBO's weighting, unbiased
+    assert official == _distribution(lambda k: _by_hand_official(length, b, k), length)
+    # round-half-even makes the official counts non-uniform whenever j L / b hits a half: even L not dividing b
+    tv = _tv_from_uniform(official)
+    expected_tv = {2: Fraction(1, 16), 4: Fraction(1, 8), 8: Fraction(1, 4), 16: Fraction(0)}
+    if length in expected_tv:
+        assert tv == expected_tv[length]
+    assert tv <= Fraction(1, 4)
+    assert (tv == 0) == (length in (1, 16))
+
+
+def test_official_masks_follow_the_reference_draw_order() -> None:
+    """Per batch: one start k from randint, then one randperm per row; row j masks positions with perm < m_j."""
+    length, mc_num, b = 7, 32, 16
+    masks = official_masks(length, mc_num, b, torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(5)
+    rows = []
+    for _ in range(mc_num // b):
+        k = int(torch.randint(1, length + 1, (), generator=g))
+        for m in _by_hand_official(length, b, k):
+            rows.append(torch.randperm(length, generator=g) < m)
+    assert torch.equal(masks, torch.stack(rows))
+    with pytest.raises(ConfigError, match="mc_num=24 is not a multiple of mc_batch_size=16"):
+        official_masks(length, 24, b)
+    with pytest.raises(ConfigError, match="benchmark.estimator='exact' unknown; valid: stratified, official"):
+        mc_masks(length, 16, estimator="exact")
+
+
+def test_official_estimator_is_biased_where_its_counts_are_not_uniform() -> None:
+    """At L = 8 (TV 0.25 from uniform) the official estimator's expectation is not the ELBO; stratified's is."""
+    context, answer = [3], [4, 5, 3, 4, 5, 3, 4, 5]
+    model = PairwiseLM(len(context) + len(answer), scale=0.8)
+    exact = exact_elbo_by_count(model, context, answer)
+    length = len(answer)
+    uniform = sum(exact) / length
+    official_p = _distribution(lambda k: official_mask_counts(length, 16, k).tolist(), length)
+    official_mean = sum(float(p) * e for p, e in zip(official_p, exact))
+    assert abs(official_mean - uniform) > 1e-3 * abs(uniform)  # a systematic shift, not noise

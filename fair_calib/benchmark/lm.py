@@ -46,13 +46,15 @@ from fair_calib.registry import ConfigError
 
 
 # ---- the Monte Carlo likelihood (pure functions) ---------------------------------------------------
-def stratified_mask_counts(target_len: int, n: int, generator: torch.Generator | None = None) -> Tensor:
+def stratified_mask_counts(target_len: int, n: int, generator: torch.Generator | None = None,
+                           start: int | None = None) -> Tensor:
     """(n,) masked-token counts in 1..L evenly spaced from a random start k: m_j = ((k - 1 + floor(j L / n)) mod L) + 1.
 
     Each m_j is uniform on 1..L (unbiased ELBO); the set is balanced (exactly n / L of each count
     when L divides n). LLaDA's reference rounds k + j L / n instead of flooring, which is less even.
     """
-    start = int(torch.randint(1, target_len + 1, (), generator=generator))
+    if start is None:
+        start = int(torch.randint(1, target_len + 1, (), generator=generator))
     offsets = torch.div(torch.arange(n) * target_len, n, rounding_mode="floor")
     return (start - 1 + offsets) % target_len + 1
 
