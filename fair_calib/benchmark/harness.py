@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from fair_calib.benchmark.families import model_family, resolve_cfg_scale
-from fair_calib.benchmark.lm import DiffusionEvalLM, fit_sampler
+from fair_calib.benchmark.lm import DiffusionEvalLM, check_estimator, fit_sampler
 from fair_calib.benchmark.tiny import metric_values, quiet_lm_eval
 from fair_calib.decoding.base import Sampler
 from fair_calib.models.dllm import DiffusionLM
@@ -299,7 +299,9 @@ class HarnessBenchmark:
                  apply_chat_template: bool = False, fewshot_as_multiturn: bool = False, batch_size: int = 8,
                  mc_batch_size: int = 32, max_length: int = 4096, add_special_tokens: bool = False,
                  check_greedy: bool = False, bootstrap_iters: int = 0,
-                 diagnostic_task: str | None = None, show_progress: bool = True) -> None:
+                 diagnostic_task: str | None = None, show_progress: bool = True,
+                 estimator: str = "stratified") -> None:
+        self.estimator = check_estimator(str(estimator))
         if not tasks:
             raise ConfigError("benchmark.tasks is empty: name lm-eval tasks, e.g. "
                               "+benchmark.tasks.arc_easy.task=arc_easy, or pick benchmark=paper10 / gsm8k / ...")
@@ -413,7 +415,7 @@ class HarnessBenchmark:
                                  mc_num=task.mc_num, mc_batch_size=self.mc_batch_size, max_length=self.max_length,
                                  gen_length=task.gen_length, cfg_scale=resolve_cfg_scale(task.cfg_scale, family),
                                  add_special_tokens=self.add_special_tokens, check_greedy=self.check_greedy,
-                                 show_progress=self.show_progress)
+                                 show_progress=self.show_progress, estimator=self.estimator)
             with self._environment(task):
                 self._preflight(task, manager)
                 try:
