@@ -250,16 +250,16 @@ class Pipeline:
             return None
         return f"{display_name(str(info.get('method') or '?'))} {info.get('bits') or ''} (export)".replace("  ", " ")
 
-    def _evaluate(self, model, tag: str) -> tuple[dict[str, dict[str, float]], Scores]:
+    def _evaluate(self, model, tag: str, label: str = "") -> tuple[dict[str, dict[str, float]], Scores]:
         """(metrics, per-document scores) of one model; the per-sample records go to samples/<tag>.json."""
-        metrics = self.benchmark.evaluate(model, self.sampler, seed=self.eval_seed)
+        metrics = self.benchmark.evaluate(model, self.sampler, seed=self.eval_seed, label=label)
         samples = getattr(self.benchmark, "last_samples", None) or {}
         if samples:
             write_json_atomic(self.run_dir / "samples" / f"{tag}.json", samples)
         return metrics, task_scores(samples, self.benchmark.score_keys())
 
     def _evaluate_column(self, label: str, model, tag: str) -> dict[str, dict[str, float]]:
-        metrics, self.scores[label] = self._evaluate(model, tag)
+        metrics, self.scores[label] = self._evaluate(model, tag, label)
         return metrics
 
     def _evaluate_cached(self, label: str, fp_model, method: dict | None,

@@ -296,6 +296,20 @@ def test_generate_until_left_pads_batches_and_keeps_order():
     assert batched == alone
 
 
+def test_progress_bars_name_the_model_they_decode(capsys):
+    """A run decodes FP, a baseline and the method one after another: each bar says which."""
+    model = make_tiny("llada")
+    lm = DiffusionEvalLM(model, LLaDASampler(gen_length=8, steps=8, block_length=8), batch_size=2, mc_num=2,
+                         label="RTN W4A4")
+    lm.generate_until([gen_request("1+1=", until=[], max_gen_toks=8)])
+    lm.loglikelihood([ll_request("1+1=", "2")])
+    err = capsys.readouterr().err
+    assert "generate [RTN W4A4]" in err and "loglikelihood (MC) [RTN W4A4]" in err
+    DiffusionEvalLM(model, LLaDASampler(gen_length=8, steps=8, block_length=8)).generate_until(
+        [gen_request("1+1=", until=[], max_gen_toks=8)])
+    assert "generate:" in capsys.readouterr().err  # no label: the bar as before
+
+
 def test_fit_sampler_rule():
     llada = LLaDASampler(gen_length=64, steps=64, block_length=32)
     for want, (g, steps, block) in {8: (8, 8, 8), 32: (32, 32, 32), 100: (128, 128, 32), 256: (256, 256, 32)}.items():

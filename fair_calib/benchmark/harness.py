@@ -401,7 +401,7 @@ class HarnessBenchmark:
 
     # ---- evaluation ------------------------------------------------------------------------------
     def evaluate(self, model: DiffusionLM, sampler: Sampler, seed: int = 0,
-                 limit: int | float | None = None) -> dict[str, dict[str, float]]:
+                 limit: int | float | None = None, label: str = "") -> dict[str, dict[str, float]]:
         """Run every task; {task: {metric: value}}. The average is not a task: see `headline()`."""
         from lm_eval import simple_evaluate
 
@@ -415,7 +415,8 @@ class HarnessBenchmark:
                                  mc_num=task.mc_num, mc_batch_size=self.mc_batch_size, max_length=self.max_length,
                                  gen_length=task.gen_length, cfg_scale=resolve_cfg_scale(task.cfg_scale, family),
                                  add_special_tokens=self.add_special_tokens, check_greedy=self.check_greedy,
-                                 show_progress=self.show_progress, estimator=self.estimator)
+                                 show_progress=self.show_progress, estimator=self.estimator,
+                                 label=label)
             with self._environment(task):
                 self._preflight(task, manager)
                 try:

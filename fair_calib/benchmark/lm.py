@@ -268,7 +268,7 @@ class DiffusionEvalLM(LM):
                  max_gen_toks: int = 256, max_length: int = 4096, add_special_tokens: bool = False,
                  show_progress: bool = True, max_batch_size: int | None = None, cfg_scale: float | None = None,
                  check_greedy: bool = False, rolling_window: int | None = None, rolling_context: int = 0,
-                 estimator: str = "stratified", **sampler_args: Any) -> None:
+                 estimator: str = "stratified", label: str = "", **sampler_args: Any) -> None:
         super().__init__()
         self._rank, self._world_size, device = join_data_parallel(str(device))
         if model is None:
@@ -313,6 +313,7 @@ class DiffusionEvalLM(LM):
         self.max_length = int(max_length)
         self.add_special_tokens = _as_bool(add_special_tokens)
         self.show_progress = _as_bool(show_progress)
+        self.label = str(label)  # which model the progress bars decode (FP, RTN W4A4, ...)
         self.rolling_window = int(rolling_window) if _literal(rolling_window) is not None else self.max_length
         self.rolling_context = int(rolling_context)
         if self.rolling_window + self.rolling_context > self.max_length:
@@ -355,7 +356,7 @@ class DiffusionEvalLM(LM):
             overflow = len(ctx) + len(cont) - self.max_length
             pairs.append((ctx[overflow:] if overflow > 0 else ctx, cont))
         with self._eval_mode():
-            lls = self._estimate(pairs, disable_tqdm, "loglikelihood (MC)")
+            lls = self._estimate(pairs, disable_tqdm, self._desc("loglikelihood (MC)"))
             out = [(ll, self.check_greedy and greedy_unmask(self.model, ctx, len(cont), self.cfg_scale) == cont)
                    for ll, (ctx, cont) in zip(lls, pairs)]
         for req, result in zip(requests, out):
@@ -370,13 +371,16 @@ class DiffusionEvalLM(LM):
                 pairs.append((ctx, window))
                 owner.append(k)
         with self._eval_mode():
-            lls = self._estimate(pairs, disable_tqdm, "loglikelihood_rolling (MC)")
+            lls = self._estimate(pairs, disable_tqdm, self._desc("loglikelihood_rolling (MC)"))
         out = [0.0] * len(requests)
         for k, ll in zip(owner, lls):
             out[k] += ll
         for req, total in zip(requests, out):
             self.cache_hook.add_partial("loglikelihood_rolling", (req.args[0],), total)
         return out
+
+    def _desc(self, what: str) -> str:
+        return f"{what} [{self.label}]" if self.label else what
 
     def _estimate(self, pairs: list[tuple[list[int], list[int]]], disable_tqdm: bool, desc: str) -> list[float]:
         gens = [torch.Generator().manual_seed(request_seed(self.seed, ctx, cont)) for ctx, cont in pairs]
@@ -402,7 +406,8 @@ class DiffusionEvalLM(LM):
             groups.setdefault(max_new, []).append(i)
         tok, cfg = self.tokenizer, self.model.config
         gen = torch.Generator(device=self.model.device).manual_seed(self.seed)
-        bar = tqdm(total=len(requests), desc="generate", disable=disable_tqdm or not self.show_progress, mininterval=2)
+        bar = tqdm(total=len(requests), desc=self._desc("generate"), disable=disable_tqdm or not self.show_progress,
+                   mininterval=2)
         with self._eval_mode(), bar:
             for max_new, idx in groups.items():
                 sampler, g = fit_sampler(self.sampler, max_new)

@@ -175,14 +175,15 @@ class TinyBenchmark:
 
     # ---- evaluation ------------------------------------------------------------------------------
     def evaluate(self, model: DiffusionLM, sampler: Sampler, seed: int = 0,
-                 limit: int | None = None) -> dict[str, dict[str, float]]:
+                 limit: int | None = None, label: str = "") -> dict[str, dict[str, float]]:
         """Run the tasks; per-sample records go to `self.last_samples`, lm-eval's full results to `last_results`."""
         from lm_eval import simple_evaluate
         from lm_eval.tasks import TaskManager
 
         lm = DiffusionEvalLM(model, sampler, seed=seed, batch_size=self.batch_size, mc_num=self.mc_num,
                              mc_batch_size=self.mc_batch_size, max_length=self.max_length,
-                             show_progress=self.show_progress, estimator=self.estimator)
+                             show_progress=self.show_progress, estimator=self.estimator,
+                             label=label)
         counts = {t: min(int(self.n[t]), limit) if limit else int(self.n[t]) for t in self.tasks}
         companions = {LM_EVAL_NAME[t]: f"{LM_EVAL_NAME[t]}_ll" for t in self.tasks
                       if self.likelihood and t in GENERATION_TASKS}
