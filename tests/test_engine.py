@@ -173,3 +173,75 @@ def test_engine_settings_are_validated():
                         ({"batch_size": 0}, "batch_size")]:
         with pytest.raises(ConfigError, match=key):
             Probe(**kwargs)
+
+
+def _count_block_forwards(model) -> list[int]:
+    """A counting forward hook on every block: calls[l] = forwards of block l (one per pass when one batch)."""
+    calls = [0] * len(model.blocks)
+    for i, block in enumerate(model.blocks):
+        block.register_forward_hook(lambda m, args, out, i=i: calls.__setitem__(i, calls[i] + 1))
+    return calls
+
+
+@pytest.mark.parametrize("settings, passes", [
+    # weight-only: the quantized pass is the weight-only pass, so it feeds the next block: FP + quantized
+    (dict(a_bits=16, propagate="weights"), [2, 2]),
+    (dict(a_bits=16, propagate="quantized"), [2, 2]),
+    # A4: the next block needs the weight-only outputs, a third pass, except after the last block
+    (dict(a_bits=4, propagate="weights"), [3, 2]),
+    (dict(a_bits=16, kv_bits=4, propagate="weights"), [3, 2]),  # K/V quantizers make it a different function
+    (dict(a_bits=4, propagate="quantized"), [2, 2]),
+    (dict(a_bits=4, propagate="fp"), [2, 2]),
+    (dict(a_bits=16, propagate="weights", track_fp_stream=True), [3, 3]),  # + the true FP stream
+    (dict(a_bits=16, propagate="weights", true_sequential=True), [5, 5]),  # + o, gate/up, down inputs
+])
+def test_forward_passes_per_block(settings, passes, tiny_llada, char_tokenizer):
+    from fair_calib.quant.gptq import GPTQ
+
+    calib = _calib(char_tokenizer)
+    calls = _count_block_forwards(tiny_llada)
+    GPTQ(batch_size=len(calib.input_ids), progress=False, **settings).quantize(tiny_llada, calib)
+    assert calls == passes
+
+
+@pytest.mark.parametrize("a_bits", [16, 4])
+def test_weights_propagation_is_bit_identical_to_a_weight_only_pass(a_bits, tiny_dream, char_tokenizer):
+    """Block 1's inputs are exactly block 0's weight-only forward (whichever pass computed them), and at A16
+    propagate=weights gives the same bits as propagate=quantized (the weights and every block's inputs)."""
+    calib = _calib(char_tokenizer)
+    runs = {}
+    for mode in ("weights", "quantized"):
+        model = copy.deepcopy(tiny_dream)
+        probe = Probe(propagate=mode, w_bits=4, a_bits=a_bits, batch_size=len(calib.input_ids))
+        probe.quantize(model, calib)
+        runs[mode] = (model, probe)
+    model, probe = runs["weights"]
+    with torch.no_grad(), weight_only(model.blocks[0]):
+        bias = model.attention_bias(calib.attention_mask, probe.inputs[0].dtype)
+        expect = model.blocks[0](probe.inputs[0], model.rope(probe.inputs[0].shape[1]), bias)
+    assert torch.equal(probe.inputs[1], expect)
+    same = torch.equal(runs["quantized"][1].inputs[1], probe.inputs[1])
+    assert same == (a_bits == 16)
+    if a_bits == 16:
+        for (n, p), (_, q) in zip(model.state_dict().items(), runs["quantized"][0].state_dict().items()):
+            assert torch.equal(p, q), n
+
+
+def test_weight_only_is_identity_follows_the_bit_settings(tiny_llada):
+    from fair_calib.quant.engine import weight_only_is_identity
+    from fair_calib.quant.grids import QuantSpec
+    from fair_calib.quant.qlinear import install_kv_quantizers, wrap_block_linears
+
+    block = tiny_llada.blocks[0]
+    assert weight_only_is_identity(block)  # plain linears quantize nothing
+    wrap_block_linears(tiny_llada, QuantSpec(bits=4), QuantSpec(bits=16))
+    assert weight_only_is_identity(block)
+    install_kv_quantizers(tiny_llada, QuantSpec(bits=4, symmetric=False))
+    assert not weight_only_is_identity(block)
+    from conftest import make_tiny
+
+    model = make_tiny("llada")
+    wrap_block_linears(model, QuantSpec(bits=4), QuantSpec(bits=8))  # A8, no K/V quantizers
+    assert not weight_only_is_identity(model.blocks[1])
+    with weight_only(model.blocks[1]):
+        assert weight_only_is_identity(model.blocks[1])

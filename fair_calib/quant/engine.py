@@ -18,6 +18,11 @@ Protocol (llm-compressor's split between the pipeline and the modifiers). A meth
         move block l back to where it lived
     method.finalize(model)                     once, after the last block
 
+Passes per block: the FP pass and the quantized pass always run (the error report reads both). With
+propagate="weights" a third, weight-only pass runs only when it computes something else: when the block
+quantizes no activation (A16, KV16) the quantized pass *is* the weight-only pass and feeds the next block
+itself. The last block's next inputs are read by nobody, so no pass is run for them.
+
 Per-block errors (over tokens i, hidden dimension d; e = y_q - y_fp, w = token weights, m = attention mask):
     mse          = sum_i m_i mean_d(e_i^2) / sum_i m_i
     mse_weighted = sum_i w_i mean_d(e_i^2) / sum_i w_i
@@ -254,6 +259,13 @@ def weight_only(module: nn.Module) -> Iterator[None]:
             m.enabled = on
 
 
+def weight_only_is_identity(module: nn.Module) -> bool:
+    """True when `weight_only(module)` changes nothing: no QLinear quantizes its input and no ActQuantizer has bits
+    < 16 (weight-only settings), so the quantized forward and the weight-only forward are the same function."""
+    return (not any(q.a_spec.enabled for q in qlinears(module))
+            and not any(m.spec.enabled for m in module.modules() if isinstance(m, ActQuantizer)))
+
+
 @torch.no_grad()
 def freeze_linears(block: nn.Module) -> None:
     """Write each QLinear's fake-quantized weight into `weight` (quantizer on for the write), NaN-checked."""
@@ -399,15 +411,18 @@ def run_layerwise(model: DiffusionLM, calib: Any, method: LayerwiseMethod,
             extras = method.quantize_block(block, ctx) or {}
             with torch.no_grad():
                 set_quant_enabled(block, True)
+                needs_next = index < len(blocks) - 1  # nobody reads the last block's "next inputs"
+                same = settings.propagate == "weights" and weight_only_is_identity(block)
+                feed_next = needs_next and (settings.propagate == "quantized" or same)
                 local, drift = ErrorMeter(), ErrorMeter()
                 for batch in ctx.batches(targets=True):
                     y = ctx.forward(batch)
                     local.add(y, batch.target, batch.weights, batch.mask)
                     if fp_stream is not None:
                         drift.add(y, fp_stream[batch.rows].to(device), batch.weights, batch.mask)
-                    if settings.propagate == "quantized":
+                    if feed_next:
                         inputs[batch.rows] = y
-                if settings.propagate == "weights":
+                if needs_next and settings.propagate == "weights" and not same:
                     with weight_only(block):
                         for batch in ctx.batches():
                             inputs[batch.rows] = ctx.forward(batch)
