@@ -9,9 +9,11 @@ import pytest
 import torch
 
 from fair_calib.data.calibration import tinyreason_calibration
-from fair_calib.quant.gptq import GPTQ, HessianAccumulator, gptq_quantize, gptq_solve
+from fair_calib.errors import NonFiniteWeightError
+from fair_calib.quant.gptq import GPTQ, REFERENCES, HessianAccumulator, gptq_quantize, gptq_solve
 from fair_calib.quant.grids import QuantSpec, fake_quant_weight
 from fair_calib.quant.qlinear import qlinears
+from fair_calib.quant.quarot import QuaRot
 from fair_calib.registry import ConfigError, build
 
 W4 = QuantSpec(bits=4)
@@ -177,7 +179,8 @@ def test_gptq_quantizer_end_to_end(tiny_llada, char_tokenizer):
         assert torch.equal(p, q), n  # same data and settings -> bit-identical weights
     for q in qlinears(a):
         assert q.weight_frozen
-        scale = orig[_orig_name(q.name)].abs().amax(1, keepdim=True) / 7  # per channel, from the FP weights
+        # weight-only default grid (llm-compressor's): per channel 2 absmax / 15, from the FP weights
+        scale = orig[_orig_name(q.name)].abs().amax(1, keepdim=True) * 2 / 15
         codes = q.weight / scale
         torch.testing.assert_close(codes, codes.round(), rtol=0, atol=1e-4)
     assert _logit_err(a, ref, calib) < _logit_err(r, ref, calib)
@@ -193,7 +196,8 @@ def _orig_name(qname: str) -> str:
 def test_gptq_options_run_on_dream(tiny_dream, char_tokenizer):
     calib = tinyreason_calibration(char_tokenizer, n_samples=4, tasks=["addition"])
     seq = copy.deepcopy(tiny_dream)
-    GPTQ(w_granularity="group", group_size=16, act_order=True, progress=False).quantize(seq, calib)
+    GPTQ(w_granularity="group", group_size=16, act_order=True, true_sequential=True, progress=False).quantize(seq,
+                                                                                                          calib)
     flat = copy.deepcopy(tiny_dream)
     GPTQ(w_granularity="group", group_size=16, act_order=True, true_sequential=False, propagate="quantized",
          progress=False).quantize(flat, calib)
@@ -203,3 +207,129 @@ def test_gptq_options_run_on_dream(tiny_dream, char_tokenizer):
     assert not torch.equal(seq.blocks[0].role("down").weight, flat.blocks[0].role("down").weight)
     with pytest.raises(ConfigError, match="group_size"):
         GPTQ(w_granularity="group", group_size=128, progress=False).quantize(copy.deepcopy(tiny_dream), calib)
+
+
+def test_act_order_case_worked_by_hand():
+    """Row (0.70, 0.46), scale 0.1, H = [[1, 1.9], [1.9, 4]]: act order quantizes column 2 (H22 = 4) first.
+
+    q2 = 0.5, e2 = -0.04, the optimal w1 given q2 is 0.70 + e2 * H12 / H11 = 0.624 -> 0.6: Q = (0.6, 0.5),
+    objective e H e^T = 0.01 - 0.0152 + 0.0064 = 0.0012. In column order q1 = 0.7 exactly (e1 = 0) and w2
+    stays 0.46 -> 0.5: Q = (0.7, 0.5), objective 0.04^2 * 4 = 0.0064.
+    """
+    W, H = torch.tensor([[0.70, 0.46]]), torch.tensor([[1.0, 1.9], [1.9, 4.0]])
+    ordered, _ = gptq_solve(W, H, W4, percdamp=0.0, act_order=True)
+    plain, _ = gptq_solve(W, H, W4, percdamp=0.0)
+    torch.testing.assert_close(ordered, torch.tensor([[0.6, 0.5]]))
+    torch.testing.assert_close(plain, torch.tensor([[0.7, 0.5]]))
+    for Q, objective in ((ordered, 0.0012), (plain, 0.0064)):
+        e = W[0] - Q[0]
+        assert float(e @ H @ e) == pytest.approx(objective, abs=1e-6)
+
+
+def test_static_and_dynamic_groups_worked_by_hand():
+    """Row (0.7, 0.33 | 1.4, 0.53), groups of 2, absmax / 7, H = I with H_12 = H_21 = 0.5 (0-based), blocksize 2.
+
+    Group 0 (scale 0.1): q0 = 0.7, q1 = 0.3, e1 = 0.03 moves w2 to 1.4 + 0.5 * 0.03 / 1 = 1.415 (w3 is not
+    coupled). Static groups keep group 1's scale from the original weights, 1.4 / 7 = 0.2: q2 = round(7.075)
+    0.2 = 1.4, q3 = round(2.65) 0.2 = 0.6. Dynamic groups (IST) take it from the updated weights at the block
+    boundary, 1.415 / 7: q2 = 1.415, q3 = round(2.622) 1.415 / 7 = 0.60643.
+    """
+    W = torch.tensor([[0.7, 0.33, 1.4, 0.53]])
+    H = torch.eye(4)
+    H[1, 2] = H[2, 1] = 0.5
+    spec = QuantSpec(bits=4, granularity="group", group_size=2)
+    static, _ = gptq_solve(W, H, spec, blocksize=2, percdamp=0.0, static_groups=True)
+    dynamic, _ = gptq_solve(W, H, spec, blocksize=2, percdamp=0.0, static_groups=False)
+    torch.testing.assert_close(static, torch.tensor([[0.7, 0.3, 1.4, 0.6]]))
+    torch.testing.assert_close(dynamic, torch.tensor([[0.7, 0.3, 1.415, 3 * 1.415 / 7]]))
+    # with static groups the order of the columns does not move the grid: every group stays on its original scale
+    reordered, _ = gptq_solve(W, H + torch.diag(torch.tensor([0.0, 0.0, 0.0, 3.0])), spec, blocksize=2,
+                              percdamp=0.0, act_order=True, static_groups=True)
+    codes = reordered / torch.tensor([[0.1, 0.1, 0.2, 0.2]])
+    torch.testing.assert_close(codes, codes.round(), rtol=0, atol=1e-5)
+
+
+def test_defaults_follow_llm_compressor_and_every_alternative_stays_selectable():
+    g = GPTQ(progress=False)
+    assert g.reference == "llm_compressor" and (g.act_order, g.static_groups, g.true_sequential) == (True, True, False)
+    assert g.bits.scale_convention == "absmax"  # W4A4: the activation grid of the W4A4 methods
+    wo = GPTQ(a_bits=16, w_granularity="group", group_size=128, progress=False)
+    assert wo.bits.scale_convention == "halfstep" and wo.label == "W4A16-g128"  # weight-only: absmax / 7.5
+    assert GPTQ(a_bits=16, kv_bits=4, progress=False).bits.scale_convention == "absmax"
+    ist = GPTQ(reference="ist", a_bits=16, progress=False)
+    assert (ist.act_order, ist.static_groups, ist.true_sequential, ist.bits.scale_convention) == (
+        False, False, True, "halfstep")
+    own = GPTQ(reference="ist", act_order=True, true_sequential=False, scale_convention="absmax", progress=False)
+    assert (own.act_order, own.static_groups, own.true_sequential, own.bits.scale_convention) == (
+        True, False, False, "absmax")
+    assert set(REFERENCES) == {"llm_compressor", "ist", "quarot"}
+    with pytest.raises(ConfigError, match="reference 'autogptq' unknown; valid: llm_compressor, ist, quarot"):
+        GPTQ(reference="autogptq")
+    with pytest.raises(ConfigError, match="quantizer.act_order='maybe': must be true or false"):
+        GPTQ(act_order="maybe")
+    with pytest.raises(ConfigError, match="blocksize"):
+        GPTQ(blocksize=0)
+
+
+def test_composed_presets_build_the_documented_settings():
+    from test_config import compose_cfg
+
+    g = build("quantizer", compose_cfg("experiment=none", "method=gptq", "bits=w4a16_g128").quantizer)
+    assert (g.reference, g.act_order, g.static_groups, g.true_sequential, g.bits.scale_convention, g.label) == (
+        "llm_compressor", True, True, False, "halfstep", "W4A16-g128")
+    ist = build("quantizer", compose_cfg("experiment=none", "method=gptq", "quantizer.reference=ist").quantizer)
+    assert (ist.act_order, ist.static_groups, ist.true_sequential, ist.bits.scale_convention) == (
+        False, False, True, "halfstep")
+    q = build("quantizer", compose_cfg("experiment=none", "method=quarot", "bits=w4a16_g128").quantizer)
+    assert (q.reference, q.act_order, q.static_groups, q.true_sequential, q.bits.scale_convention) == (
+        "quarot", False, False, True, "absmax")
+
+
+def test_quarot_keeps_its_gptq_settings_bit_identically():
+    """QuaRot reads its GPTQ defaults from GPTQ's constructor: they stay QuaRot's reference (absmax, no act order,
+    dynamic groups, true-sequential), so QuaRot built from code equals QuaRot with those values spelled out."""
+    from conftest import make_tiny
+
+    for kw in ({"w_bits": 4, "a_bits": 4}, {"a_bits": 16, "w_granularity": "group", "group_size": 16}):
+        default = QuaRot(progress=False, **kw)
+        assert (default.act_order, default.static_groups, default.true_sequential, default.bits.scale_convention) == (
+            False, False, True, "absmax")
+        model = make_tiny("dream")
+        calib = _rows(model)
+        a, b = copy.deepcopy(model), copy.deepcopy(model)
+        default.quantize(a, calib)
+        QuaRot(act_order=False, static_groups=False, true_sequential=True, scale_convention="absmax", progress=False,
+               **kw).quantize(b, calib)
+        for (n, p), (_, q) in zip(a.state_dict().items(), b.state_dict().items()):
+            assert torch.equal(p, q), n
+
+
+def _rows(model, n=6, length=20):
+    from types import SimpleNamespace
+
+    ids = torch.randint(4, model.config.vocab_size, (n, length), generator=torch.Generator().manual_seed(2))
+    return SimpleNamespace(input_ids=ids, attention_mask=torch.ones(n, length, dtype=torch.long))
+
+
+def test_bad_inputs_give_one_line_errors_or_logged_fallbacks(caplog):
+    W = torch.randn(4, 12)
+    grouped = QuantSpec(bits=4, granularity="group", group_size=8)
+    for act_order in (False, True):  # 8 does not divide 12, with or without act order
+        with pytest.raises(ConfigError, match=r"^GPTQ on blocks.0.q: group_size 8 does not divide the input size 12"):
+            gptq_quantize(W, torch.eye(12), grouped, act_order=act_order, static_groups=True, name="blocks.0.q")
+        with pytest.raises(ValueError, match="group_size 8 does not divide the input size 12"):
+            gptq_solve(W, torch.eye(12), grouped, act_order=act_order)
+    bad = W.clone()
+    bad[1, 3] = float("nan")
+    with pytest.raises(NonFiniteWeightError, match="blocks.1.up"):
+        gptq_quantize(bad, torch.eye(12), W4, name="blocks.1.up")
+    with caplog.at_level(logging.WARNING, logger="fair_calib.quant.gptq"):  # no token reached the layer
+        Q, info = gptq_quantize(W, torch.zeros(12, 12), W4, name="blocks.0.o")
+    assert info["fallback"] and torch.equal(Q, fake_quant_weight(W, W4)) and "no calibration token" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="fair_calib.quant.gptq"):  # rank 1: the damping retry is logged
+        Q, info = gptq_quantize(W[:, :4], torch.ones(4, 4), W4, percdamp=0.0, name="blocks.0.k")
+    assert info["retries"] >= 1 and not info["fallback"] and torch.isfinite(Q).all()
+    assert "blocks.0.k: Cholesky failed with percdamp 0" in caplog.text
+    for msg in (r.getMessage() for r in caplog.records):
+        assert "\n" not in msg

@@ -20,7 +20,8 @@ from fair_calib.registry import ConfigError
 
 @dataclass(frozen=True)
 class BitSettings:
-    """WxAy(KVz) settings from a quantizer config; 16 = leave in full precision."""
+    """WxAy(KVz) settings from a quantizer config; 16 = leave in full precision. scale_convention "auto" becomes
+    "halfstep" for weight-only settings (a_bits = kv_bits = 16) and "absmax" otherwise."""
 
     w_bits: int = 4
     a_bits: int = 4
@@ -38,6 +39,9 @@ class BitSettings:
     def __post_init__(self) -> None:
         for name, f in self.__dataclass_fields__.items():
             check_type(f"quantizer.{name}", getattr(self, name), str(f.type), f.default)
+        if self.scale_convention == "auto":  # weight-only: halfstep (compressed-tensors); quantized activations: absmax
+            weight_only = self.a_bits >= 16 and self.kv_bits >= 16
+            object.__setattr__(self, "scale_convention", "halfstep" if weight_only else "absmax")
         try:
             self.weight_spec()
             self.act_spec()

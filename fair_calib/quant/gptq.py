@@ -11,21 +11,28 @@ diag(H) order, `act_order`), each column's error (w - q) / U_jj is spread over t
 of its 128-column block at once and over later blocks lazily:  W[:, j:] -= err_j U[j, j:].
 Group scales are found when the first column of a group is reached (from the weights as updated up
 to the previous block boundary, as the reference does), or up front from the original weights
-(`static_groups`). Cholesky failure -> damping x10 and retry (`max_damp_retries`), then RTN for that
-layer with a warning; the result is checked for NaN/inf.
+(`static_groups`). Cholesky failure -> damping x10 and retry (`max_damp_retries`, each retry logged), then
+RTN for that layer with a warning; the result is checked for NaN/inf.
+
+Defaults (`REFERENCES`): `quantizer=gptq` follows llm-compressor's GPTQModifier (halfstep grid for weight-only,
+act order "static" = act order with static groups, one Hessian pass per block); `reference=ist` gives the
+IST-DASLab script with `--true-sequential` (no act order, groups from the updated weights), `reference=quarot`
+QuaRot's GPTQ (the same with the absmax grid), which QuaRot keeps. Every knob can still be set on its own.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from fair_calib.errors import ComputationError
+from fair_calib.errors import ComputationError, NonFiniteWeightError
 from fair_calib.models.block import LINEAR_ROLES
 from fair_calib.models.dllm import DiffusionLM
+from fair_calib.quant.base import check_type
 from fair_calib.quant.engine import BlockContext, Collector, LayerwiseMethod, check_group_size, write_quantized_weight
 from fair_calib.quant.grids import QuantSpec, fake_quant_weight, quant_dequant, weight_scale_zero
 from fair_calib.registry import ConfigError, register
@@ -37,6 +44,33 @@ INPUT_SOURCE = {"q": "attn_in", "k": "attn_in", "v": "attn_in", "o": "attn_ctx",
                 "down": "mlp_mid"}
 # true-sequential order (QuaRot / IST `--true-sequential`): later groups see the already quantized earlier ones
 SEQUENTIAL_GROUPS = (("q", "k", "v"), ("o",), ("gate", "up"), ("down",))
+
+
+
+
+@dataclass(frozen=True)
+class GPTQReference:
+    """The GPTQ settings a reference implementation uses when the user sets none of them."""
+
+    scale_convention: str  # "auto" (BitSettings): halfstep 2 absmax / (2^b - 1) for weight-only, else absmax
+    act_order: bool
+    static_groups: bool
+    true_sequential: bool
+
+
+REFERENCES = {
+    # llm-compressor GPTQModifier: actorder="static" (act order, scales from the original weight groups), one
+    # calibration pass per decoder layer, compressed-tensors grid (max / 7.5 at 4 bits); absmax at W4A4 so the
+    # activation grid is the one of the W4A4 methods (QuaRot, FlatQuant) it is compared with
+    "llm_compressor": GPTQReference("auto", act_order=True, static_groups=True, true_sequential=False),
+    # IST-DASLab gptq (llama.py --true-sequential): its quant.py grid, no act order, groups from the weights as
+    # updated so far
+    "ist": GPTQReference("halfstep", act_order=False, static_groups=False, true_sequential=True),
+    # QuaRot's GPTQ (gptq_utils.py): the IST solver with QuaRot's absmax / 7 weight grid
+    "quarot": GPTQReference("absmax", act_order=False, static_groups=False, true_sequential=True),
+}
+# the reference each GPTQ-based quantizer follows by default (QuaRot's results stay those of its own reference)
+METHOD_REFERENCE = {"gptq": "llm_compressor", "quarot": "quarot"}
 
 
 class CholeskyError(ComputationError):
@@ -102,21 +136,30 @@ def gptq_solve(W: Tensor, H: Tensor, spec: QuantSpec, blocksize: int = 128, perc
     rows, cols = W.shape
     grouped = spec.granularity == "group"
     g = spec.group_size
+    if grouped and cols % g:
+        raise ValueError(f"group_size {g} does not divide the input size {cols}: pick a divisor or "
+                         "w_granularity=channel")
     scale, zero = (None, None) if grouped else _row_grid(W, spec)  # from the original weights, as the reference
 
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     W[:, dead] = 0
 
-    groups: list[tuple[Tensor, Tensor | None]] = []
-    if grouped and static_groups:
-        groups = [weight_scale_zero(W[:, i: i + g], spec) for i in range(0, cols, g)]
-
     perm = invperm = None
     if act_order:
         perm = torch.argsort(torch.diag(H), descending=True)
-        W, H = W[:, perm], H[perm][:, perm]
         invperm = torch.argsort(perm)
+
+    col_scale = col_zero = None  # static groups: each column's (rows, 1) scale / zero, in solve order
+    if grouped and static_groups:
+        s, z = weight_scale_zero(W.reshape(rows * cols // g, g), spec)  # every group of the original columns
+        col_scale = s.reshape(rows, cols // g).repeat_interleave(g, dim=1)
+        col_zero = None if z is None else z.reshape(rows, cols // g).repeat_interleave(g, dim=1)
+        if perm is not None:
+            col_scale = col_scale[:, perm]
+            col_zero = None if col_zero is None else col_zero[:, perm]
+    if perm is not None:
+        W, H = W[:, perm], H[perm][:, perm]
 
     damp = percdamp * torch.mean(torch.diag(H))
     idx = torch.arange(cols, device=W.device)
@@ -132,19 +175,19 @@ def gptq_solve(W: Tensor, H: Tensor, spec: QuantSpec, blocksize: int = 128, perc
         Hinv1 = Hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = i1 + i
-            if grouped:
-                if static_groups:
-                    scale, zero = groups[(int(perm[col]) if perm is not None else col) // g]
-                elif col % g == 0:
-                    scale, zero = weight_scale_zero(W[:, col: col + g], spec)
+            if col_scale is not None:
+                scale = col_scale[:, col: col + 1]
+                zero = None if col_zero is None else col_zero[:, col: col + 1]
+            elif grouped and col % g == 0:
+                scale, zero = weight_scale_zero(W[:, col: col + g], spec)
             w, d = W1[:, i], Hinv1[i, i]
             q = quant_dequant(w.unsqueeze(1), scale, zero, spec).flatten()
             Q1[:, i] = q
-            losses += (w - q) ** 2 / d**2 / 2
             err = (w - q) / d
             W1[:, i:] -= err.unsqueeze(1).matmul(Hinv1[i, i:].unsqueeze(0))
             Err1[:, i] = err
         Q[:, i1:i2] = Q1
+        losses += Err1.pow(2).sum(1) / 2  # (w_j - q_j)^2 / (2 U_jj^2)
         W[:, i2:] -= Err1.matmul(Hinv[i1:i2, i2:])
     if invperm is not None:
         Q = Q[:, invperm]
@@ -155,21 +198,33 @@ def gptq_solve(W: Tensor, H: Tensor, spec: QuantSpec, blocksize: int = 128, perc
 def gptq_quantize(W: Tensor, H: Tensor, spec: QuantSpec, blocksize: int = 128, percdamp: float = 0.01,
                   act_order: bool = False, static_groups: bool = False, max_damp_retries: int = 4,
                   name: str = "") -> tuple[Tensor, dict[str, Any]]:
-    """`gptq_solve` with damping x10 retries on Cholesky failure, then an RTN fallback; never returns NaN/inf."""
+    """`gptq_solve` with damping x10 retries on Cholesky failure, then an RTN fallback; never returns NaN/inf.
+
+    A non-finite weight or a group size that does not divide the width is a one-line error; a Hessian that is
+    not finite, or that no calibration token reached (all zero), gives RTN with a warning.
+    """
+    layer = name or "<layer>"
+    if not bool(torch.isfinite(W).all()):
+        raise NonFiniteWeightError(f"GPTQ on {layer}: the weight to quantize already has NaN/inf values")
+    if spec.granularity == "group" and W.shape[1] % spec.group_size:
+        raise ConfigError(f"GPTQ on {layer}: group_size {spec.group_size} does not divide the input size "
+                          f"{W.shape[1]}; pick a divisor or w_granularity=channel")
     info: dict[str, Any] = {"percdamp": percdamp, "retries": 0, "fallback": False, "loss": None}
-    if bool(torch.isfinite(H).all()):
-        for k in range(max_damp_retries + 1):
-            pd = percdamp * 10**k if percdamp > 0 else (0.0 if k == 0 else 1e-4 * 10 ** (k - 1))
-            try:
-                Q, loss = gptq_solve(W, H, spec, blocksize, pd, act_order, static_groups)
-            except CholeskyError:
-                continue
-            if bool(torch.isfinite(Q).all()):
-                info.update(percdamp=pd, retries=k, loss=loss)
-                return Q, info
-    log.warning("GPTQ on %s: Hessian not positive definite (or not finite) after %d damping retries; "
-                "falling back to RTN for this layer", name or "<layer>", max_damp_retries)
-    info.update(fallback=True, retries=max_damp_retries)
+    usable = bool(torch.isfinite(H).all()) and bool(torch.diag(H).abs().sum() > 0)
+    for k in range(max_damp_retries + 1 if usable else 0):
+        pd = percdamp * 10**k if percdamp > 0 else (0.0 if k == 0 else 1e-4 * 10 ** (k - 1))
+        try:
+            Q, loss = gptq_solve(W, H, spec, blocksize, pd, act_order, static_groups)
+        except CholeskyError:
+            log.warning("GPTQ on %s: Cholesky failed with percdamp %g; retrying with more damping", layer, pd)
+            continue
+        if bool(torch.isfinite(Q).all()):
+            info.update(percdamp=pd, retries=k, loss=loss)
+            return Q, info
+    why = (f"Hessian not positive definite after {max_damp_retries} damping retries" if usable
+           else "Hessian not finite or empty (no calibration token reached the layer)")
+    log.warning("GPTQ on %s: %s; falling back to RTN for this layer", layer, why)
+    info.update(fallback=True, retries=max_damp_retries if usable else 0)
     return fake_quant_weight(W.detach().float(), spec), info
 
 
@@ -177,24 +232,43 @@ def gptq_quantize(W: Tensor, H: Tensor, spec: QuantSpec, blocksize: int = 128, p
 class GPTQ(LayerwiseMethod):
     """Every block linear by GPTQ; activations (and K/V) quantized per token on the fly per the bit settings.
 
+    `reference` picks the defaults of act_order, static_groups, true_sequential and the grid of
+    scale_convention="auto" (`REFERENCES`; None = the one this method follows, `METHOD_REFERENCE`); a value
+    given for any of them wins.
     propagate defaults to "weights": the next block sees outputs of the weight-quantized block with
-    full-precision activations, as in the IST-DASLab and QuaRot references (Hessians also come from
-    full-precision activations); "quantized" propagates fully quantized outputs.
+    full-precision activations, as in the IST-DASLab, llm-compressor and QuaRot references (Hessians also come
+    from full-precision activations); "quantized" propagates fully quantized outputs.
     """
 
     name = "gptq"
     default_propagate = "weights"
 
-    def __init__(self, blocksize: int = 128, percdamp: float = 0.01, act_order: bool = False,
-                 static_groups: bool = False, true_sequential: bool = True, max_damp_retries: int = 4,
-                 **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        if int(blocksize) < 1 or percdamp < 0 or int(max_damp_retries) < 0:
-            raise ConfigError(f"quantizer=gptq needs blocksize >= 1, percdamp >= 0, max_damp_retries >= 0; "
+    def __init__(self, reference: str | None = None, blocksize: int = 128, percdamp: float = 0.01,
+                 act_order: bool | None = None, static_groups: bool | None = None,
+                 true_sequential: bool | None = None, max_damp_retries: int = 4,
+                 scale_convention: str = "auto", **kwargs: Any) -> None:
+        ref_name = reference or METHOD_REFERENCE.get(self.name, "llm_compressor")
+        if ref_name not in REFERENCES:
+            raise ConfigError(f"quantizer.reference {ref_name!r} unknown; valid: {', '.join(REFERENCES)}")
+        ref = REFERENCES[ref_name]
+        for key, value, kind, example in (("blocksize", blocksize, "int", 128), ("percdamp", percdamp, "float", 0.01),
+                                          ("max_damp_retries", max_damp_retries, "int", 4),
+                                          ("act_order", act_order, "bool", True),
+                                          ("static_groups", static_groups, "bool", True),
+                                          ("true_sequential", true_sequential, "bool", False)):
+            if value is not None:
+                check_type(f"quantizer.{key}", value, kind, example)
+        # "auto" = the reference's grid (BitSettings resolves llm-compressor's "auto" by the bit widths)
+        super().__init__(scale_convention=ref.scale_convention if scale_convention == "auto" else scale_convention,
+                         **kwargs)
+        if blocksize < 1 or percdamp < 0 or max_damp_retries < 0:
+            raise ConfigError(f"quantizer={self.name} needs blocksize >= 1, percdamp >= 0, max_damp_retries >= 0; "
                               f"got {blocksize}, {percdamp}, {max_damp_retries}")
-        self.blocksize, self.percdamp = int(blocksize), float(percdamp)
-        self.act_order, self.static_groups = bool(act_order), bool(static_groups)
-        self.true_sequential, self.max_damp_retries = bool(true_sequential), int(max_damp_retries)
+        self.reference = ref_name
+        self.blocksize, self.percdamp, self.max_damp_retries = blocksize, float(percdamp), max_damp_retries
+        self.act_order = ref.act_order if act_order is None else act_order
+        self.static_groups = ref.static_groups if static_groups is None else static_groups
+        self.true_sequential = ref.true_sequential if true_sequential is None else true_sequential
         self._hessians: dict[str, HessianAccumulator] = {}
 
     @property
