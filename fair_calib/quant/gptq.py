@@ -92,6 +92,10 @@ class HessianAccumulator:
         if w is None:
             w = torch.ones(x.shape[0], dtype=torch.float32, device=x.device)
         w = w.reshape(-1).float().to(x.device)
+        if bool((w == 1).all()):  # unweighted tokens (the usual case): no copies, the same sum
+            self.S.addmm_(x.T, x)
+            self.n += float(x.shape[0])
+            return
         keep = w > 0
         x, w = x[keep], w[keep]
         self.S.addmm_((x * w[:, None]).T, x)
@@ -150,7 +154,7 @@ def gptq_solve(W: Tensor, H: Tensor, spec: QuantSpec, blocksize: int = 128, perc
         perm = torch.argsort(torch.diag(H), descending=True)
         invperm = torch.argsort(perm)
 
-    col_scale = col_zero = None  # static groups: each column's (rows, 1) scale / zero, in solve order
+    col_scale = col_zero = None  # static groups: each column's scale / zero over the rows, in solve order
     if grouped and static_groups:
         s, z = weight_scale_zero(W.reshape(rows * cols // g, g), spec)  # every group of the original columns
         col_scale = s.reshape(rows, cols // g).repeat_interleave(g, dim=1)
@@ -158,6 +162,8 @@ def gptq_solve(W: Tensor, H: Tensor, spec: QuantSpec, blocksize: int = 128, perc
         if perm is not None:
             col_scale = col_scale[:, perm]
             col_zero = None if col_zero is None else col_zero[:, perm]
+        col_scale = col_scale.T.contiguous()
+        col_zero = None if col_zero is None else col_zero.T.contiguous()
     if perm is not None:
         W, H = W[:, perm], H[perm][:, perm]
 
@@ -166,32 +172,37 @@ def gptq_solve(W: Tensor, H: Tensor, spec: QuantSpec, blocksize: int = 128, perc
     H[idx, idx] += damp
     Hinv = upper_cholesky_of_inverse(H)
 
-    Q = torch.zeros_like(W)
+    # the column loop works on Wt = W^T, so that column j of W is the contiguous row Wt[j]; same arithmetic
+    if scale is not None:
+        scale, zero = scale.T.contiguous(), (None if zero is None else zero.T.contiguous())
+    Wt = W.T.contiguous()
+    Qt = torch.empty_like(Wt)
     losses = torch.zeros(rows, dtype=torch.float32, device=W.device)
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
-        W1 = W[:, i1:i2].clone()
-        Q1, Err1 = torch.zeros_like(W1), torch.zeros_like(W1)
+        W1 = Wt[i1:i2].clone()
+        Err1 = torch.empty_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = i1 + i
             if col_scale is not None:
-                scale = col_scale[:, col: col + 1]
-                zero = None if col_zero is None else col_zero[:, col: col + 1]
-            elif grouped and col % g == 0:
-                scale, zero = weight_scale_zero(W[:, col: col + g], spec)
-            w, d = W1[:, i], Hinv1[i, i]
-            q = quant_dequant(w.unsqueeze(1), scale, zero, spec).flatten()
-            Q1[:, i] = q
+                scale = col_scale[col: col + 1]
+                zero = None if col_zero is None else col_zero[col: col + 1]
+            elif grouped and col % g == 0:  # from the weights as updated up to this column block
+                s, z = weight_scale_zero(Wt[col: col + g].T, spec)
+                scale, zero = s.T, (None if z is None else z.T)
+            w, d = W1[i], Hinv1[i, i]
+            q = quant_dequant(w.unsqueeze(0), scale, zero, spec).flatten()
+            Qt[col] = q
             err = (w - q) / d
-            W1[:, i:] -= err.unsqueeze(1).matmul(Hinv1[i, i:].unsqueeze(0))
-            Err1[:, i] = err
-        Q[:, i1:i2] = Q1
-        losses += Err1.pow(2).sum(1) / 2  # (w_j - q_j)^2 / (2 U_jj^2)
-        W[:, i2:] -= Err1.matmul(Hinv[i1:i2, i2:])
+            W1[i + 1:] -= Hinv1[i, i + 1:].unsqueeze(1) * err.unsqueeze(0)  # W[:, j:] -= err_j U[j, j:]
+            Err1[i] = err
+        losses += Err1.pow(2).sum(0) / 2  # (w_j - q_j)^2 / (2 U_jj^2)
+        Wt[i2:] -= Hinv[i1:i2, i2:].T.matmul(Err1)  # the lazy update of the later column blocks
+    Q = Qt.T
     if invperm is not None:
         Q = Q[:, invperm]
-    return Q, float(losses.sum())
+    return Q.contiguous(), float(losses.sum())
 
 
 @torch.no_grad()
