@@ -333,3 +333,54 @@ def test_bad_inputs_give_one_line_errors_or_logged_fallbacks(caplog):
     assert "blocks.0.k: Cholesky failed with percdamp 0" in caplog.text
     for msg in (r.getMessage() for r in caplog.records):
         assert "\n" not in msg
+
+
+def test_unweighted_hessian_strips_give_the_full_product():
+    """Width 512: unweighted batches fill the upper strips only; S21 is mirrored in before a weighted batch, and the
+    result equals the full products accumulated in the same order (what the accumulator computed before)."""
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(300, 512, generator=g) * torch.exp(torch.randn(512, generator=g)) for _ in range(3)]
+    w = torch.rand(300, generator=g) + 0.5
+    acc, S = HessianAccumulator(512), torch.zeros(512, 512)
+    acc.add(xs[0])
+    acc.add(xs[1], torch.ones(300))
+    acc.add(xs[2], w)  # weighted: full products from here on
+    acc.add(xs[0])
+    S.addmm_(xs[0].T, xs[0])
+    S.addmm_(xs[1].T, xs[1])
+    S.addmm_((xs[2] * w[:, None]).T, xs[2])
+    S.addmm_(xs[0].T, xs[0])
+    assert torch.equal(acc.S, S) and acc.n == pytest.approx(900 + float(w.sum()))
+    plain = HessianAccumulator(512)
+    for x in xs:
+        plain.add(x)
+    H = plain.hessian()
+    assert torch.equal(H, H.T)
+    torch.testing.assert_close(H, 2 * sum(x.T @ x for x in xs) / 900, rtol=1e-5, atol=1e-3)
+
+
+def test_linears_reading_one_input_share_its_factorization(tiny_llada, char_tokenizer, monkeypatch):
+    """One Hessian pass per block: q/k/v share attn_in's Hessian and gate/up mlp_in's, so 4 factorizations per
+    block (q/k/v, o, gate/up, down), not 7; the weights are those of factorizing for every linear."""
+    import fair_calib.quant.gptq as gptq_mod
+
+    calls = []
+    real = gptq_mod.factor_hessian
+    monkeypatch.setattr(gptq_mod, "factor_hessian", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calib = tinyreason_calibration(char_tokenizer, n_samples=6, tasks=["addition"])
+    a = copy.deepcopy(tiny_llada)
+    GPTQ(a_bits=16, progress=False).quantize(a, calib)
+    assert len(calls) == 4 * len(a.blocks)
+    # the same weights as solving every linear from its own factorization
+    solo = GPTQ(a_bits=16, progress=False)
+    monkeypatch.setattr(gptq_mod, "gptq_quantize", _without_sharing(gptq_mod.gptq_quantize))
+    b = copy.deepcopy(tiny_llada)
+    solo.quantize(b, calib)
+    for (n, p), (_, q) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(p, q), n
+
+
+def _without_sharing(fn):
+    def call(*args, factors=None, **kwargs):
+        return fn(*args, factors=None, **kwargs)
+    return call

@@ -78,12 +78,20 @@ class CholeskyError(ComputationError):
 
 
 class HessianAccumulator:
-    """S = sum_i w_i x_i x_i^T and n = sum_i w_i in fp32; `hessian()` = 2 S / n (zero-weight tokens are skipped)."""
+    """S = sum_i w_i x_i x_i^T and n = sum_i w_i in fp32; `hessian()` = 2 S / n (zero-weight tokens are skipped).
+
+    Unweighted batches give an exactly symmetric x^T x: while only those arrive (and the width splits into halves
+    of whole 128-column tiles), only the upper row strips [S11 S12] and [S22] are computed (3/4 of the products)
+    and S21 = S12^T is filled in once, before the first weighted batch or the first `hessian()`; the sums are the
+    ones the full product gives.
+    """
 
     def __init__(self, columns: int, device: torch.device | str = "cpu") -> None:
         self.columns = columns
         self.S = torch.zeros(columns, columns, dtype=torch.float32, device=device)
         self.n = 0.0
+        self._half: int | None = columns // 2 if columns % 256 == 0 else None
+        self._mirror_pending = False
 
     @torch.no_grad()
     def add(self, x: Tensor, w: Tensor | None = None) -> None:
@@ -93,15 +101,30 @@ class HessianAccumulator:
             w = torch.ones(x.shape[0], dtype=torch.float32, device=x.device)
         w = w.reshape(-1).float().to(x.device)
         if bool((w == 1).all()):  # unweighted tokens (the usual case): no copies, the same sum
-            self.S.addmm_(x.T, x)
+            if self._half is not None:
+                h = self._half
+                self.S[:h].addmm_(x[:, :h].T, x)
+                self.S[h:, h:].addmm_(x[:, h:].T, x[:, h:])
+                self._mirror_pending = True
+            else:
+                self.S.addmm_(x.T, x)
             self.n += float(x.shape[0])
             return
+        self._mirror()
+        self._half = None  # weighted sums are not exactly symmetric: full products from here on
         keep = w > 0
         x, w = x[keep], w[keep]
         self.S.addmm_((x * w[:, None]).T, x)
         self.n += float(w.sum())
 
+    def _mirror(self) -> None:
+        if self._mirror_pending:
+            h = self._half
+            self.S[h:, :h] = self.S[:h, h:].T
+            self._mirror_pending = False
+
     def hessian(self) -> Tensor:
+        self._mirror()
         if self.n <= 0:
             return torch.zeros_like(self.S)
         return self.S * (2.0 / self.n)
@@ -128,15 +151,42 @@ def _row_grid(w: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor | None]:
     return weight_scale_zero(w, spec)
 
 
+@dataclass
+class FactoredHessian:
+    """What the solve needs of a Hessian: its dead columns, the act-order permutation (None = column order) and
+    U = upper Cholesky factor of (H + damping)^-1 in that order. Linears that read the same input share one."""
+
+    dead: Tensor
+    perm: Tensor | None
+    U: Tensor
+
+
+@torch.no_grad()
+def factor_hessian(H: Tensor, percdamp: float = 0.01, act_order: bool = False) -> FactoredHessian:
+    """Dead columns get H_dd = 1; descending diag(H) order with act_order; H += percdamp * mean(diag H) * I;
+    U = chol(H^-1) upper. Raises CholeskyError when H + damping is not positive definite."""
+    H = H.detach().clone().float()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else None
+    if perm is not None:
+        H = H[perm][:, perm]
+    damp = percdamp * torch.mean(torch.diag(H))
+    idx = torch.arange(H.shape[0], device=H.device)
+    H[idx, idx] += damp
+    return FactoredHessian(dead, perm, upper_cholesky_of_inverse(H))
+
+
 @torch.no_grad()
 def gptq_solve(W: Tensor, H: Tensor, spec: QuantSpec, blocksize: int = 128, percdamp: float = 0.01,
-               act_order: bool = False, static_groups: bool = False) -> tuple[Tensor, float]:
+               act_order: bool = False, static_groups: bool = False,
+               factored: FactoredHessian | None = None) -> tuple[Tensor, float]:
     """Quantize W (rows, cols) against Hessian H (cols, cols); returns (Q on the grid, sum of GPTQ losses).
 
-    loss = sum_j (w_j - q_j)^2 / (2 U_jj^2). Raises CholeskyError when H + damping is not positive definite.
+    loss = sum_j (w_j - q_j)^2 / (2 U_jj^2). `factored` = `factor_hessian(H, percdamp, act_order)` when the
+    caller has it already. Raises CholeskyError when H + damping is not positive definite.
     """
     W = W.detach().clone().float()
-    H = H.detach().clone().float().to(W.device)
     rows, cols = W.shape
     grouped = spec.granularity == "group"
     g = spec.group_size
@@ -145,14 +195,11 @@ def gptq_solve(W: Tensor, H: Tensor, spec: QuantSpec, blocksize: int = 128, perc
                          "w_granularity=channel")
     scale, zero = (None, None) if grouped else _row_grid(W, spec)  # from the original weights, as the reference
 
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
-    W[:, dead] = 0
-
-    perm = invperm = None
-    if act_order:
-        perm = torch.argsort(torch.diag(H), descending=True)
-        invperm = torch.argsort(perm)
+    if factored is None:
+        factored = factor_hessian(H.to(W.device), percdamp, act_order)
+    W[:, factored.dead] = 0
+    perm = factored.perm
+    invperm = None if perm is None else torch.argsort(perm)
 
     col_scale = col_zero = None  # static groups: each column's scale / zero over the rows, in solve order
     if grouped and static_groups:
@@ -165,12 +212,8 @@ def gptq_solve(W: Tensor, H: Tensor, spec: QuantSpec, blocksize: int = 128, perc
         col_scale = col_scale.T.contiguous()
         col_zero = None if col_zero is None else col_zero.T.contiguous()
     if perm is not None:
-        W, H = W[:, perm], H[perm][:, perm]
-
-    damp = percdamp * torch.mean(torch.diag(H))
-    idx = torch.arange(cols, device=W.device)
-    H[idx, idx] += damp
-    Hinv = upper_cholesky_of_inverse(H)
+        W = W[:, perm]
+    Hinv = factored.U
 
     # the column loop works on Wt = W^T, so that column j of W is the contiguous row Wt[j]; same arithmetic
     if scale is not None:
@@ -208,11 +251,13 @@ def gptq_solve(W: Tensor, H: Tensor, spec: QuantSpec, blocksize: int = 128, perc
 @torch.no_grad()
 def gptq_quantize(W: Tensor, H: Tensor, spec: QuantSpec, blocksize: int = 128, percdamp: float = 0.01,
                   act_order: bool = False, static_groups: bool = False, max_damp_retries: int = 4,
-                  name: str = "") -> tuple[Tensor, dict[str, Any]]:
+                  name: str = "", factors: dict[tuple[float, bool], FactoredHessian | None] | None = None
+                  ) -> tuple[Tensor, dict[str, Any]]:
     """`gptq_solve` with damping x10 retries on Cholesky failure, then an RTN fallback; never returns NaN/inf.
 
     A non-finite weight or a group size that does not divide the width is a one-line error; a Hessian that is
-    not finite, or that no calibration token reached (all zero), gives RTN with a warning.
+    not finite, or that no calibration token reached (all zero), gives RTN with a warning. `factors` caches the
+    factorizations of this H by (percdamp, act_order), for the linears that share it.
     """
     layer = name or "<layer>"
     if not bool(torch.isfinite(W).all()):
@@ -224,11 +269,16 @@ def gptq_quantize(W: Tensor, H: Tensor, spec: QuantSpec, blocksize: int = 128, p
     usable = bool(torch.isfinite(H).all()) and bool(torch.diag(H).abs().sum() > 0)
     for k in range(max_damp_retries + 1 if usable else 0):
         pd = percdamp * 10**k if percdamp > 0 else (0.0 if k == 0 else 1e-4 * 10 ** (k - 1))
-        try:
-            Q, loss = gptq_solve(W, H, spec, blocksize, pd, act_order, static_groups)
-        except CholeskyError:
+        cache = {} if factors is None else factors
+        if (pd, act_order) not in cache:
+            try:
+                cache[pd, act_order] = factor_hessian(H.to(W.device), pd, act_order)
+            except CholeskyError:
+                cache[pd, act_order] = None
+        if cache[pd, act_order] is None:
             log.warning("GPTQ on %s: Cholesky failed with percdamp %g; retrying with more damping", layer, pd)
             continue
+        Q, loss = gptq_solve(W, H, spec, blocksize, pd, act_order, static_groups, factored=cache[pd, act_order])
         if bool(torch.isfinite(Q).all()):
             info.update(percdamp=pd, retries=k, loss=loss)
             return Q, info
@@ -311,13 +361,19 @@ class GPTQ(LayerwiseMethod):
         for gi, roles in enumerate(self.groups):
             if gi > 0:  # inputs of this group, through the already-quantized earlier groups
                 ctx.run(self._collectors(block, roles, ctx.device))
+            # q/k/v (and gate/up) share one Hessian: it and its factorizations are computed once per group
+            shared: dict[int, tuple[Tensor, dict[tuple[float, bool], FactoredHessian | None]]] = {}
             for role in roles:
                 q = block.role(role)
                 if not spec.enabled:
                     continue
-                H = self._hessians[role].hessian()
+                acc = self._hessians[role]
+                if id(acc) not in shared:
+                    shared[id(acc)] = (acc.hessian(), {})
+                H, factors = shared[id(acc)]
                 Q, info = gptq_quantize(q.weight.data, H, spec, self.blocksize, self.percdamp, self.act_order,
-                                        self.static_groups, self.max_damp_retries, name=getattr(q, "name", role))
+                                        self.static_groups, self.max_damp_retries, name=getattr(q, "name", role),
+                                        factors=factors)
                 write_quantized_weight(q, Q)
                 layers[role] = info
             self._hessians = {}
