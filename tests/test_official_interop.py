@@ -351,3 +351,22 @@ def test_official_estimator_reproduces_get_log_likelihood(answer_len: int) -> No
     stratified = mc_loglikelihood(model, prompt, answer, mc_num=32, mc_batch_size=16,
                                   generator=torch.Generator().manual_seed(17))
     assert stratified != pytest.approx(want, rel=1e-5)
+
+
+def test_estimator_and_numerics_are_checked_before_any_weights_load() -> None:
+    with pytest.raises(ConfigError, match="benchmark.estimator='round' unknown; valid: stratified, official"):
+        build("benchmark", {"name": "tiny", "estimator": "round"})
+    with pytest.raises(ConfigError, match="mc_num=24 must be a multiple of mc_batch_size=16"):
+        build("benchmark", {"name": "tiny", "estimator": "official", "mc_num": 24, "mc_batch_size": 16})
+    assert build("benchmark", {"name": "tiny", "estimator": "official", "mc_num": 8, "mc_batch_size": 16}).estimator \
+        == "official"  # fewer draws than a batch: one batch of mc_num, as the reference with batch_size = mc_num
+    from hydra import compose, initialize_config_dir
+
+    conf = Path(__file__).resolve().parent.parent / "conf"
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        cfg = compose("config", overrides=["decoding.numerics=official", "benchmark.estimator=official"])
+        dream = compose("config", overrides=["model=tiny_dream", "decoding.numerics=official"])
+    assert build("decoding", cfg.decoding).numerics == "official"
+    assert build("decoding", dream.decoding).numerics == "official" and dream.decoding.name == "dream"
+    assert build("benchmark", cfg.benchmark).estimator == "official"
+    assert (cfg.model.dtype, dream.model.dtype) == ("auto", "auto")

@@ -314,6 +314,8 @@ class HarnessBenchmark:
             except TypeError as err:
                 valid = ", ".join(f.name for f in dataclasses.fields(HarnessTask))
                 raise ConfigError(f"benchmark.tasks.{key}: {err}; valid keys: {valid}") from err
+        for task in self.tasks.values():
+            check_estimator(self.estimator, task.mc_num, mc_batch_size)
         if limit is not None and float(limit) <= 0:
             raise ConfigError(f"benchmark.limit must be positive (a count, or a fraction < 1), got {limit}")
         self.limit = limit

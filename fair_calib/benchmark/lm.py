@@ -103,9 +103,14 @@ def guided_logits(model: DiffusionLM, x: Tensor, prompt_len: int, cfg_scale: flo
 ESTIMATORS = ("stratified", "official")
 
 
-def check_estimator(estimator: str) -> str:
+def check_estimator(estimator: str, mc_num: int | None = None, mc_batch_size: int | None = None) -> str:
+    """A valid estimator name; `official` also needs whole batches (mc_num a multiple of min(mc_batch_size, mc_num))."""
     if estimator not in ESTIMATORS:
         raise ConfigError(f"benchmark.estimator={estimator!r} unknown; valid: {', '.join(ESTIMATORS)}")
+    if estimator == "official" and mc_num is not None and mc_batch_size is not None \
+            and int(mc_num) % min(int(mc_batch_size), int(mc_num)):
+        raise ConfigError(f"benchmark.estimator=official: mc_num={mc_num} must be a multiple of "
+                          f"mc_batch_size={mc_batch_size} (LLaDA's get_log_likelihood draws whole batches)")
     return estimator
 
 
@@ -262,7 +267,7 @@ class DiffusionEvalLM(LM):
     """lm-eval model over an in-process `DiffusionLM` (built from `path` when none is given) and a `Sampler`."""
 
     def __init__(self, model: DiffusionLM | None = None, sampler: Sampler | None = None, *,
-                 path: str | None = None, decoding: str | None = None, device: str = "auto", dtype: str = "float32",
+                 path: str | None = None, decoding: str | None = None, device: str = "auto", dtype: str = "auto",
                  trust_remote_code: bool = False, seed: int = 0, batch_size: int | str = 32,
                  mc_num: int = 16, mc_batch_size: int = 16, gen_length: int | None = None,
                  max_gen_toks: int = 256, max_length: int = 4096, add_special_tokens: bool = False,
@@ -304,10 +309,7 @@ class DiffusionEvalLM(LM):
         self.seed = int(seed)
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 32  # "auto" -> default
         self.mc_num, self.mc_batch_size = int(mc_num), int(mc_batch_size)
-        self.estimator = check_estimator(str(estimator))
-        if self.estimator == "official" and self.mc_num % min(self.mc_batch_size, self.mc_num):
-            raise ConfigError(f"estimator=official: mc_num={self.mc_num} must be a multiple of "
-                              f"mc_batch_size={self.mc_batch_size} (LLaDA's get_log_likelihood draws whole batches)")
+        self.estimator = check_estimator(str(estimator), self.mc_num, self.mc_batch_size)
         self.gen_length = int(gen_length) if gen_length is not None else None
         self.max_gen_toks = int(max_gen_toks)
         self.max_length = int(max_length)

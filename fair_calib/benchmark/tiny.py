@@ -118,7 +118,7 @@ class TinyBenchmark:
                  batch_size: int = 64, bootstrap_iters: int = 0, diagnostic_task: str = "word_problems",
                  max_length: int = 4096, show_progress: bool = True, likelihood: bool = True,
                  estimator: str = "stratified") -> None:
-        self.estimator = check_estimator(str(estimator))
+        self.estimator = check_estimator(str(estimator), mc_num, mc_batch_size)
         unknown = [t for t in tasks if t not in TASKS]
         if unknown or not tasks:
             raise ConfigError(f"benchmark.tasks {list(tasks)}: valid tinyreason tasks are {', '.join(TASKS)}")
