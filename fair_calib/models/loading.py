@@ -9,10 +9,8 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -30,6 +28,7 @@ from fair_calib.models.validate import (
     skeleton,
     weight_headers,
 )
+from fair_calib.utils.io import atomic_dir
 
 __all__ = ["ModelLoadError", "load_dllm", "read_config", "save_dllm"]
 log = logging.getLogger(__name__)
@@ -199,14 +198,11 @@ def save_dllm(model: DiffusionLM, path: str | Path, extra_files: dict[str, str] 
     and writes the `auto_map` that lets `transformers` load the folder with `trust_remote_code`;
     without it, no `auto_map` (we ship no modeling code).
     """
-    folder = Path(path)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
-        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-        for k, v in state.items():
-            if v.is_floating_point() and not torch.isfinite(v).all():
-                raise ValueError(f"refusing to save non-finite weights in {k}")
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    for k, v in state.items():
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            raise ValueError(f"refusing to save non-finite weights in {k}")
+    with atomic_dir(path) as tmp:  # an existing folder is replaced only once the new one is complete
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         config = model.config.to_hf_dict()
         config.pop("auto_map", None)  # the source folder's modeling files are not copied (unless asked below)
@@ -223,10 +219,4 @@ def save_dllm(model: DiffusionLM, path: str | Path, extra_files: dict[str, str] 
             model.tokenizer.save_pretrained(str(tmp))
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return folder
+    return Path(path)
