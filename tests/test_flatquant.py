@@ -11,6 +11,7 @@ from fair_calib.data.calibration import CalibrationSet
 from fair_calib.models.config import DLLMConfig
 from fair_calib.models.dllm import DiffusionLM, build_model
 from fair_calib.quant.flat_block import (
+    FlatActTap,
     FlatBlock,
     FlatBlockSpec,
     FlatLinear,
@@ -19,7 +20,14 @@ from fair_calib.quant.flat_block import (
     install_flat_skeleton,
     weighted_token_mse,
 )
-from fair_calib.quant.flatquant import FlatQuant, FlatQuantSettings, block_mse, calibrate_block, tensor_batches
+from fair_calib.quant.flatquant import (
+    FlatQuant,
+    FlatQuantSettings,
+    block_mse,
+    calibrate_block,
+    tensor_batches,
+    train_flat_block,
+)
 from fair_calib.quant.grids import QuantSpec
 from fair_calib.quant.qlinear import NonFiniteWeightError, set_quant_enabled, wrap_block_linears
 from fair_calib.registry import ConfigError, build
@@ -84,7 +92,8 @@ def _max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 # ---- (1) the debug invariant: quantizers off -> transformed + merged model == FP model ----------------------------
-@pytest.mark.parametrize(("family", "kv_heads", "o_factors"), [("llada", None, "heads"), ("dream", 2, "balanced")])
+@pytest.mark.parametrize(("family", "kv_heads", "o_factors"),
+                         [("llada", None, "heads"), ("dream", 2, "balanced"), ("dream", 2, "heads")])
 def test_invariant_random_transforms(family: str, kv_heads: int | None, o_factors: str) -> None:
     model, calib = _model(family, kv_heads=kv_heads), _calib()
     with torch.no_grad():
@@ -267,7 +276,7 @@ def test_non_finite_merge_names_the_layer() -> None:
     stats, _ = block_act_absmax(model.blocks[0], h, rope, bias, None, 4)
     fb = FlatBlock(model.blocks[0], _spec(), "blocks.0", stats)
     with torch.no_grad():
-        fb.transforms["mlp_in"].scale[0] = float("nan")
+        fb.transforms["mlp_in"].diag_scale[0] = float("nan")
     with pytest.raises(NonFiniteWeightError, match="blocks.0.gate"):
         fb.finalize()
 
@@ -299,3 +308,67 @@ def test_bfloat16_model_calibrates_in_fp32_and_keeps_its_dtype() -> None:
     assert model.blocks[0].role("q").weight.dtype == torch.bfloat16
     assert model.blocks[0].taps["attn_in"].left.dtype == torch.float32  # online transforms stay fp32
     assert torch.isfinite(model(calib.input_ids, calib.attention_mask)).all() and rep["blocks"][0]["mse_weighted"] > 0
+
+
+# ---- the reference's training (ruikangliu/FlatQuant train_utils.py, flat_linear.py) ------------------------------
+def test_weight_decay_applied_to_every_trained_parameter() -> None:
+    """AdamW's default 0.01: a parameter without gradient (the Cayley weight's upper triangle) shrinks by
+    exactly (1 - lr * wd) in one step, and every trained group carries the decay."""
+    model, calib = _model(layers=1), _calib(n=4)
+    h, rope, bias = _block_inputs(model, calib)
+    block = model.blocks[0]
+    stats, fp_out = block_act_absmax(block, h, rope, bias, calib.attention_mask.bool(), 4)
+    s = FlatQuantSettings(epochs=1, batch_size=4, progress=False)
+    assert s.weight_decay == 0.01 and s.amp
+    fb = FlatBlock(block, _spec(), "blocks.0", stats, generator=torch.Generator().manual_seed(0))
+    u = fb.transforms["attn_in"].left.u.weight
+    upper0 = u.detach().triu(1).clone()
+    weights = calib.attention_mask.float()
+    batches = tensor_batches(h, fp_out, weights, bias, 4, torch.device("cpu"))
+    train_flat_block(fb, batches, 1, rope, s, torch.Generator().manual_seed(0), torch.device("cpu"))
+    assert torch.allclose(u.detach().triu(1), upper0 * (1 - s.lr * s.weight_decay), rtol=0, atol=1e-7)
+    groups = fb.parameter_groups(s.lr, s.lr * s.clip_lr_mult)
+    opt = torch.optim.AdamW(groups, weight_decay=s.weight_decay)
+    assert all(g["weight_decay"] == 0.01 for g in opt.param_groups)
+
+
+@pytest.mark.parametrize("kv", [KV4, OFF])
+def test_v_transform_folded_into_v_proj(kv: QuantSpec) -> None:
+    """The per-head V transform lives in v_proj's weight and bias (reference: out_trans before the weight
+    quantizer), not online after it: at full precision the folded block equals the FP block, and the deployed
+    v_proj weight is (I (x) P2^T) W_v' with the V tap holding only the KV quantizer."""
+    model, calib = _model("dream", kv_heads=2, layers=1), _calib()
+    block = model.blocks[0]
+    h, rope, bias = _block_inputs(model, calib)
+    w_v = block.role("v").weight.detach().clone().double()
+    b_v = block.role("v").bias.detach().clone().double()
+    with torch.no_grad():
+        ref = block(h, rope, bias)
+    stats, _ = block_act_absmax(block, h, rope, bias, calib.attention_mask.bool(), 4)
+    gen = torch.Generator().manual_seed(2)
+    fb = FlatBlock(block, _spec(kv=kv), "blocks.0", stats, generator=gen)
+    for m in fb.modules():
+        _perturb(m, gen)
+    assert fb.linears["v"].out_map is not None and fb.linears["k"].out_map is None
+    assert not isinstance(block.taps["v_heads"], FlatActTap) or block.taps["v_heads"].op is None
+    set_quant_enabled(block, False)
+    with torch.no_grad():
+        live = block(h, rope, bias)
+        fb.finalize(freeze=False)
+        merged = block(h, rope, bias)
+    assert _max_rel(live, ref) < 1e-5 and _max_rel(merged, ref) < 1e-5
+    t, o = fb.transforms["attn_in"], fb.transforms["attn_ctx"]
+    p2 = o.right.matrix(torch.float64)
+    expected_w = t.merge_weight(w_v, torch.float64)
+    expected_w = (expected_w.T.reshape(-1, 2, p2.shape[0]) @ p2).reshape(expected_w.shape[1], -1).T
+    assert torch.allclose(block.role("v").weight.double(), expected_w, atol=1e-5)
+    assert torch.allclose(block.role("v").bias.double(), (b_v.reshape(2, -1) @ p2).reshape(-1), atol=1e-5)
+
+
+def test_training_autocast_is_bf16_on_cpu() -> None:
+    from fair_calib.quant.flatquant import training_autocast
+
+    with training_autocast(True, torch.device("cpu")):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+    with training_autocast(False, torch.device("cpu")):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32

@@ -17,12 +17,12 @@ from fair_calib.quant.transforms import (
 
 
 def _perturb(module: torch.nn.Module, seed: int = 0, std: float = 0.3) -> None:
-    """Move every parameter away from its identity init (non-trivial transform); scales stay positive."""
+    """Move every parameter away from its identity init (non-trivial transform); scales and sigmas stay positive."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in module.named_parameters():
             noise = torch.randn(p.shape, generator=g) * std
-            if name.endswith("scale"):
+            if name.endswith(("scale", "singular")):
                 p.copy_(torch.exp(noise))
             else:
                 p.add_(noise)
@@ -153,24 +153,25 @@ def test_merge_weight_invariance(n: int) -> None:
     out32 = t.apply_activation(x32) @ merged32.T
     rel = (out32.double() - ref).abs().max().item() / ref.abs().max().item()
     assert rel < 1e-5
-    # merged weight equals the explicit formula W' = (W * s) P^{-T} with M = diag(1/s) P
+    # merged weight equals the explicit formula W' = (W / d) P^{-T} with M = diag(d) P
     m = t.full_matrix(torch.float64)
     assert (merged - w @ torch.linalg.inv(m).T).abs().max().item() < 1e-9
 
 
 def test_init_scale_smoothquant() -> None:
+    """The reference's get_init_scale: diag_scale = max|W|^(1-alpha) / max|X|^alpha, multiplying x."""
     t = KroneckerTransform(12)
     act = torch.tensor([4.0, 1.0, 0.0, 9.0] * 3)
     wgt = torch.tensor([2.0, 0.5, 1.0, 0.0] * 3)
     t.init_scale(act, wgt, alpha=0.3)
     a = act.double().clamp(min=1e-5)
     w = wgt.double().clamp(min=1e-5)
-    expected = (a**0.3 / w**0.7).clamp(min=1e-5).float()
-    assert torch.allclose(t.scale.data, expected)
-    assert bool(torch.isfinite(t.scale).all()) and bool((t.scale >= 1e-5).all())
-    # with scale only (identity factors): x_t = x / s and W' = W * s
+    expected = (w**0.7 / a**0.3).clamp(min=1e-5).float()
+    assert torch.allclose(t.diag_scale.data, expected)
+    assert bool(torch.isfinite(t.diag_scale).all()) and bool((t.diag_scale >= 1e-5).all())
+    # with scale only (identity factors): x_t = x * d and W' = W / d
     x = torch.randn(2, 12)
-    assert torch.allclose(t.apply_activation(x), x / t.scale.data)
+    assert torch.allclose(t.apply_activation(x), x * t.diag_scale.data)
     with pytest.raises(RuntimeError):
         KroneckerTransform(12, use_scale=False).init_scale(act, wgt)
 
@@ -220,3 +221,49 @@ def test_gradients_reach_every_parameter() -> None:
             assert p.grad is not None, name
             assert bool(torch.isfinite(p.grad).all()), name
             assert p.grad.abs().max().item() > 0, name
+
+
+# ---- the reference's parameterisation (ruikangliu/FlatQuant trans_utils.py) --------------------------------------
+def _adam_step(params: list[torch.nn.Parameter], loss_fn, lr: float = 5e-3) -> None:
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    opt.zero_grad()
+    loss_fn().backward()
+    opt.step()
+
+
+def test_cayley_equals_torch_orthogonal_cayley_and_its_adam_step() -> None:
+    """Same parameter, same Q, same Q after one Adam step as torch's orthogonal(..., "cayley") on the lower
+    triangle (use_trivialization=False), the reference's rotation; the old A = W - W^T moved 4x as far."""
+    n = 6
+    g = torch.Generator().manual_seed(3)
+    x0, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    target = torch.randn(n, n, generator=g, dtype=torch.float64)
+    ref = torch.nn.Linear(n, n, bias=False, dtype=torch.float64)
+    ref.weight.data = x0.clone()
+    ref = torch.nn.utils.parametrizations.orthogonal(ref, orthogonal_map="cayley", use_trivialization=False)
+    ours = CayleyOrthogonal(n)
+    ours.weight.data = x0.clone()
+    assert torch.allclose(ours.matrix(torch.float64), ref.weight, atol=1e-12)
+    q0 = ref.weight.detach().clone()
+    _adam_step([ref.parametrizations.weight.original], lambda: (ref.weight * target).sum())
+    _adam_step([ours.weight], lambda: (ours.matrix(torch.float64) * target).sum())
+    step_ref = (ref.weight.detach() - q0).norm().item()
+    assert step_ref > 1e-4
+    assert torch.allclose(ours.matrix(torch.float64), ref.weight.detach(), atol=1e-12)
+    # only the strict lower triangle carries gradient
+    assert float(ours.weight.grad.triu().abs().max()) == 0.0
+
+
+def test_singular_values_and_diag_scale_step_like_the_reference() -> None:
+    """sigma and diag_scale are the reference's raw parameters: one Adam step moves each by lr (sign of its gradient),
+    at any value (the old exp / reciprocal parameters moved by a value-dependent amount)."""
+    t = KroneckerTransform(12)
+    with torch.no_grad():
+        t.diag_scale.copy_(torch.linspace(0.1, 10.0, 12))
+        t.left.singular.copy_(torch.tensor([0.5, 4.0]))
+    d0, s0 = t.diag_scale.detach().clone(), t.left.singular.detach().clone()
+    x = torch.randn(5, 12, generator=torch.Generator().manual_seed(0))
+    lr = 1e-2
+    _adam_step([t.diag_scale, t.left.singular], lambda: t.apply_activation(x).pow(2).sum(), lr=lr)
+    assert torch.allclose((t.diag_scale.detach() - d0).abs(), torch.full((12,), lr), rtol=1e-3)
+    assert torch.allclose((t.left.singular.detach() - s0).abs(), torch.full((2,), lr), rtol=1e-3)

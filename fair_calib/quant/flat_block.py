@@ -1,12 +1,15 @@
 """FlatQuant's quantized transformer block (DESIGN 4.6): where the transforms sit, the quantizers with learnable
 clipping, the weighted block loss, and the float64 merge at the end of training.
 
-Wiring of one block (``x`` row vectors, ``y = x W^T``; ``T = diag(1/s) (P1 (x) P2)`` a KroneckerTransform):
+Wiring of one block (``x`` row vectors, ``y = x W^T``; ``T = diag(d) (P1 (x) P2)`` a KroneckerTransform):
 
-    attn_in  : x -> x T_qkv                      q/k/v weights  W -> (W s) (P1 (x) P2)^{-T}
+    attn_in  : x -> x T_qkv                      q/k/v weights  W -> (W / d) (P1 (x) P2)^{-T}
     q_rope   : Q -> Q P^{-T}                     (HeadTransform, only when kv_bits < 16)
     k_rope   : K -> Q_kv(K P)                    KV quantization after the K transform
-    v_heads  : V -> Q_kv(V P2_o)                 ("heads" factors: P_o = P1_o (x) P2_o over (n_heads, head_dim))
+    v_proj   : W_v -> (I (x) P2_o^T) W_v         ("heads" factors: P_o = P1_o (x) P2_o over (n_heads, head_dim)); the
+                                                 per-head V transform folded into v_proj's weight (and bias) before
+                                                 that weight is quantized, as the reference does
+    v_heads  : V -> Q_kv(V)                      V already carries P2_o
     attn_ctx : c -> c (P1_o (x) I)               so that the o_proj input is c (P1_o (x) P2_o)
     mlp_in   : x -> x T_ug                       gate/up weights merged with T_ug
     mlp_mid  : m -> m T_down                     down weight merged with T_down
@@ -24,6 +27,7 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fair_calib.models.block import DLLMBlock
@@ -57,10 +61,10 @@ def kron_apply(x: Tensor, left: Tensor | None, right: Tensor | None, n1: int, n2
 
 
 def transformed_weight(transform: KroneckerTransform, weight: Tensor) -> Tensor:
-    """Differentiable ``W' = (W s) (P1 (x) P2)^{-T}`` (fp32; the training-time twin of ``merge_weight``)."""
+    """Differentiable ``W' = (W / d) (P1 (x) P2)^{-T}`` (fp32; the training-time twin of ``merge_weight``)."""
     w = weight.float()
-    if transform.scale is not None:
-        w = w * transform.scale.float()
+    if transform.diag_scale is not None:
+        w = w / transform.diag_scale.float()
     return kron_apply(w, transform.left.inverse_transpose(), transform.right.inverse_transpose(),
                       transform.n1, transform.n2)
 
@@ -70,6 +74,20 @@ def factor_and_inverse_transpose(f: DecomposedFactor) -> tuple[Tensor, Tensor]:
     u, v, sig = f.u.matrix(), f.v.matrix(), f.sigma()
     vt = v.transpose(0, 1)
     return (u * sig) @ vt, (u / sig) @ vt
+
+
+def per_head_apply(x: Tensor, right: Tensor) -> Tensor:
+    """``x_h right`` for every head ``h`` of the last dim (``n_heads * head_dim``, ``right``: head_dim x head_dim)."""
+    d = right.shape[0]
+    return torch.matmul(x.reshape(*x.shape[:-1], -1, d), right).reshape(x.shape)
+
+
+def clamp_rows(w: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
+    """FlatQuant's learnable weight clipping alone (``apply_wclip``): each row clamped to
+    ``[min(min_j w_j, 0) sigmoid(lo), max(max_j w_j, 0) sigmoid(hi)]``."""
+    wmax = w.amax(dim=-1, keepdim=True).clamp(min=0) * torch.sigmoid(hi)
+    wmin = w.amin(dim=-1, keepdim=True).clamp(max=0) * torch.sigmoid(lo)
+    return torch.clamp(w, min=wmin, max=wmax)
 
 
 def fake_quant_clip_pair(x: Tensor, spec: QuantSpec, lo: Tensor | None, hi: Tensor | None,
@@ -125,14 +143,14 @@ def weighted_token_mse(out: Tensor, target: Tensor, weights: Tensor) -> Tensor:
 
 @torch.no_grad()
 def random_orthogonal_init(cayley: CayleyOrthogonal, generator: torch.Generator) -> None:
-    """FlatQuant's init: ``X`` a random orthogonal matrix (QR of a Gaussian, sign-fixed), the orthogonal factor is
-    PyTorch's non-trivialized Cayley map of ``A' = tril(X) - tril(X)^T``: ``(I + A'/2)(I - A'/2)^{-1}``.
-    With ``A = W - W^T`` and ``Q = (I - A)(I + A)^{-1}`` this is ``A = -A'/2``, i.e. ``W = -tril(X) / 2``."""
+    """FlatQuant's init: the Cayley parameter ``W`` is a random orthogonal matrix (QR of a Gaussian, sign-fixed),
+    stored whole as in the reference (``orthogonal(..., use_trivialization=False)`` keeps the assigned weight as its
+    parameter); only its strict lower triangle enters ``Q``."""
     n = cayley.n
     g = torch.randn(n, n, generator=generator, dtype=torch.float64)
     q, r = torch.linalg.qr(g)
     q = q * torch.sign(torch.diagonal(r)).unsqueeze(0)
-    cayley.weight.copy_((-0.5 * torch.tril(q)).to(device=cayley.weight.device, dtype=cayley.weight.dtype))
+    cayley.weight.copy_(q.to(device=cayley.weight.device, dtype=cayley.weight.dtype))
 
 
 # ---- modules ----------------------------------------------------------------------------------------------------
@@ -196,9 +214,13 @@ class FlatActTap(ActQuantizer):
 
 
 class FlatLinear(QLinear):
-    """FlatQuant's quantized linear: ``y = Q_a(x_t) Q_w(W')^T + b`` where ``x_t`` is already transformed at the tap
-    and ``W' = (W s) (P1 (x) P2)^{-T}`` is recomputed from the live transform until :meth:`merge_transform`
+    """FlatQuant's quantized linear: ``y = Q_a(x_t) Q_w(W')^T + b'`` where ``x_t`` is already transformed at the tap
+    and ``W' = (W / d) (P1 (x) P2)^{-T}`` is recomputed from the live transform until :meth:`merge_transform`
     (through ``weight_map`` when a :class:`FlatBlock` shares its per-forward matrices, else from ``transform``).
+
+    ``out_map`` (v_proj only): a transform of the output features, folded into the weight rows and the bias like the
+    reference's ``out_trans``: the weight is clipped in the input-transformed basis, then ``out_map`` is applied,
+    then it is quantized with the plain grid (``flat_linear.py``: ``apply_wclip`` -> ``out_trans`` -> quantizer).
 
     Clipping pairs: ``weight_clip_logit`` / ``weight_clip_logit_lo`` (out, 1) and ``act_clip_logit`` /
     ``act_clip_logit_lo`` (scalars), all initialised to ``clip_init`` (sigmoid(4) = 0.982).
@@ -206,10 +228,12 @@ class FlatLinear(QLinear):
 
     def __init__(self, linear: nn.Module, w_spec: QuantSpec, a_spec: QuantSpec, name: str,
                  transform: KroneckerTransform | None, learn_clip: bool = True, clip_init: float = 4.0,
-                 weight_map: Callable[[Tensor], Tensor] | None = None) -> None:
+                 weight_map: Callable[[Tensor], Tensor] | None = None,
+                 out_map: Callable[[Tensor], Tensor] | None = None) -> None:
         super().__init__(linear, w_spec, a_spec, name=name)
         object.__setattr__(self, "transform", transform)  # by reference: shared by several linears and a tap
         object.__setattr__(self, "weight_map", weight_map)
+        object.__setattr__(self, "out_map", out_map)
         dev = linear.weight.device
         self.weight_clip_logit_lo: nn.Parameter | None = None
         self.act_clip_logit_lo: nn.Parameter | None = None
@@ -220,19 +244,36 @@ class FlatLinear(QLinear):
             self.act_clip_logit = nn.Parameter(torch.tensor(float(clip_init), device=dev))
             self.act_clip_logit_lo = nn.Parameter(torch.tensor(float(clip_init), device=dev))
 
-    def current_weight(self) -> Tensor:
-        """``W'`` from the live transform while training, the stored (merged) weight afterwards."""
+    def _input_weight(self) -> Tensor:
+        """``W'`` for the transformed input (no output transform)."""
         t = self.transform
         if t is None:
             return self.weight
-        w = self.weight_map(self.weight) if self.weight_map is not None else transformed_weight(t, self.weight)
-        return w.to(self.weight.dtype)
+        return self.weight_map(self.weight) if self.weight_map is not None else transformed_weight(t, self.weight)
+
+    def _out_rows(self, w: Tensor) -> Tensor:
+        return w if self.out_map is None else self.out_map(w.transpose(0, 1)).transpose(0, 1)
+
+    def current_weight(self) -> Tensor:
+        """``W'`` (with the output transform) from the live transforms while training, the stored weight after."""
+        return self._out_rows(self._input_weight()).to(self.weight.dtype)
+
+    def current_bias(self) -> Tensor | None:
+        if self.bias is None or self.out_map is None:
+            return self.bias
+        return self.out_map(self.bias.float()).to(self.bias.dtype)
 
     def quantized_weight(self) -> Tensor:
-        w = self.current_weight()
         if not self.quant_enabled or self.weight_frozen or not self.w_spec.enabled:
-            return w
-        return fake_quant_weight_clip_pair(w, self.w_spec, self.weight_clip_logit_lo, self.weight_clip_logit)
+            return self.current_weight()
+        if self.out_map is None:
+            return fake_quant_weight_clip_pair(self.current_weight(), self.w_spec, self.weight_clip_logit_lo,
+                                               self.weight_clip_logit)
+        w = self._input_weight()
+        if self.weight_clip_logit is not None and self.weight_clip_logit_lo is not None:
+            w = clamp_rows(w, self.weight_clip_logit_lo, self.weight_clip_logit)
+        w = self._out_rows(w).to(self.weight.dtype)
+        return fake_quant_weight_clip_pair(w, self.w_spec, None, None)
 
     def quantize_input(self, x: Tensor) -> Tensor:
         if self.input_transform is not None:
@@ -241,21 +282,40 @@ class FlatLinear(QLinear):
             x = fake_quant_clip_pair(x, self.a_spec, self.act_clip_logit_lo, self.act_clip_logit).to(x.dtype)
         return x
 
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(self.quantize_input(x), self.quantized_weight(), self.current_bias())
+
     @torch.no_grad()
-    def merge_transform(self) -> None:
-        """``W <- (W s) (P1 (x) P2)^{-T}`` computed in float64 (``KroneckerTransform.merge_weight``)."""
+    def merge_transform(self, head_right: Tensor | None = None, clip: bool = True) -> None:
+        """``W <- (W / d) (P1 (x) P2)^{-T}`` in float64 (``KroneckerTransform.merge_weight``). ``head_right`` (v_proj):
+        the per-head output transform, folded into the rows and the bias after the learned weight clipping (applied
+        here when ``clip``; the clipping logits are then used up) so the weight quantizer sees what it saw in
+        training."""
         t = self.transform
-        if t is None:
-            return
-        merged = t.merge_weight(self.weight.data, dtype=torch.float64)
-        check_finite(merged, self.name)
-        self.weight.data.copy_(merged)
+        f64 = torch.float64
+        w = self.weight.data.to(f64)
+        if t is not None:
+            w = t.merge_weight(w, dtype=f64)
+        if head_right is not None:
+            right = head_right.to(f64)
+            lo, hi = self.weight_clip_logit_lo, self.weight_clip_logit
+            if clip and lo is not None and hi is not None:
+                w = clamp_rows(w, lo.to(f64), hi.to(f64))
+                self.weight_clip_logit, self.weight_clip_logit_lo = None, None
+            w = per_head_apply(w.transpose(0, 1), right).transpose(0, 1)
+            if self.bias is not None:
+                bias = per_head_apply(self.bias.data.to(f64), right)
+                check_finite(bias, self.name)
+                self.bias.data.copy_(bias)
+        check_finite(w, self.name)
+        self.weight.data.copy_(w)
         object.__setattr__(self, "transform", None)
         object.__setattr__(self, "weight_map", None)
+        object.__setattr__(self, "out_map", None)
 
     @torch.no_grad()
     def freeze(self) -> None:
-        if self.transform is not None:
+        if self.transform is not None or self.out_map is not None:
             raise RuntimeError(f"{self.name}: merge the transform into the weight before freezing")
         super().freeze()
         self.weight_clip_logit_lo = None
@@ -303,6 +363,7 @@ class FlatBlock:
         self.block, self.spec, self.name = block, spec, name
         h, d = block.n_heads, block.head_dim
         dev = block.role("q").weight.device
+        self.device = dev
         lin = block.linears()
         n_in, n_mid = lin["q"].in_features, lin["down"].in_features
         o_factors = (h, d) if spec.o_factors == "heads" else kronecker_factors(h * d)
@@ -341,8 +402,9 @@ class FlatBlock:
                 raise ConfigError(f"{name}.{role} is already quantized ({type(module).__name__}); flatquant needs an "
                                   "unquantized model")
             point = feeds[role]
+            out_map = self._v_fold if role == "v" and spec.o_factors == "heads" else None
             q = FlatLinear(module, spec.w_spec, spec.a_spec, f"{name}.{role}", self.transforms[point],
-                           spec.learn_clip, spec.clip_init, weight_map=partial(self._weight, point))
+                           spec.learn_clip, spec.clip_init, weight_map=partial(self._weight, point), out_map=out_map)
             block.set_role(role, q)
             self.linears[role] = q
 
@@ -352,15 +414,13 @@ class FlatBlock:
             taps[point] = LiveOp(partial(self._activation, point), f"kron {point}")
         o = self.transforms["attn_ctx"]
         kv_learn = spec.learn_clip
-        if spec.o_factors == "heads":  # c (P1 (x) P2): P2 per head on V (before V quantization), P1 across heads
+        if spec.o_factors == "heads":  # c (P1 (x) P2): P2 per head folded into v_proj, P1 across heads online
             taps["attn_ctx"] = LiveOp(lambda x: kron_apply(x, self._mats["attn_ctx.left"], None, o.n1, o.n2),
                                       "kron heads")
-            taps["v_heads"] = FlatActTap(LiveOp(lambda x: torch.matmul(x, self._mats["attn_ctx.right"]),
-                                                "kron head_dim"), spec.kv_spec, kv_learn, spec.clip_init)
         else:
             taps["attn_ctx"] = LiveOp(partial(self._activation, "attn_ctx"), "kron attn_ctx")
-            if spec.kv_spec.enabled:
-                taps["v_heads"] = FlatActTap(None, spec.kv_spec, kv_learn, spec.clip_init)
+        if spec.kv_spec.enabled:
+            taps["v_heads"] = FlatActTap(None, spec.kv_spec, kv_learn, spec.clip_init)
         if self.head is not None:
             taps["q_rope"] = LiveOp(lambda x: torch.matmul(x, self._mats["head_it"]), "head P^-T")
             taps["k_rope"] = FlatActTap(LiveOp(lambda x: torch.matmul(x, self._mats["head"]), "head P"),
@@ -368,29 +428,35 @@ class FlatBlock:
         taps.to(dev)
 
     def refresh(self) -> None:
-        """``P`` and ``P^{-T}`` of every factor for the coming forward pass (with autograd when enabled)."""
+        """``P`` and ``P^{-T}`` of every factor for the coming forward pass (with autograd when enabled), in fp32 even
+        under autocast (small matrices; the large products they enter run in the autocast dtype)."""
         mats = {}
-        for point, t in self.transforms.items():
-            for side, f in (("left", t.left), ("right", t.right)):
-                mats[f"{point}.{side}"], mats[f"{point}.{side}_it"] = factor_and_inverse_transpose(f)
-        if self.head is not None:
-            mats["head"], mats["head_it"] = factor_and_inverse_transpose(self.head.factor)
+        with torch.autocast(self.device.type, enabled=False):
+            for point, t in self.transforms.items():
+                for side, f in (("left", t.left), ("right", t.right)):
+                    mats[f"{point}.{side}"], mats[f"{point}.{side}_it"] = factor_and_inverse_transpose(f)
+            if self.head is not None:
+                mats["head"], mats["head_it"] = factor_and_inverse_transpose(self.head.factor)
         self._mats = mats
 
+    def _v_fold(self, x: Tensor) -> Tensor:
+        """The per-head V transform on v_proj's output features: ``x_h P2_o`` for every (KV) head."""
+        return per_head_apply(x.float(), self._mats["attn_ctx.right"])
+
     def _activation(self, point: str, x: Tensor) -> Tensor:
-        """``x_t = (x / s) (P1 (x) P2)`` (KroneckerTransform.apply_activation with the cached factors)."""
+        """``x_t = (x * d) (P1 (x) P2)`` (KroneckerTransform.apply_activation with the cached factors)."""
         t = self.transforms[point]
         h = x.float()
-        if t.scale is not None:
-            h = h / t.scale.float()
+        if t.diag_scale is not None:
+            h = h * t.diag_scale.float()
         return kron_apply(h, self._mats[f"{point}.left"], self._mats[f"{point}.right"], t.n1, t.n2).to(x.dtype)
 
     def _weight(self, point: str, w: Tensor) -> Tensor:
-        """``W' = (W s) (P1 (x) P2)^{-T}`` with the cached factors (differentiable)."""
+        """``W' = (W / d) (P1 (x) P2)^{-T}`` with the cached factors (differentiable)."""
         t = self.transforms[point]
         h = w.float()
-        if t.scale is not None:
-            h = h * t.scale.float()
+        if t.diag_scale is not None:
+            h = h / t.diag_scale.float()
         return kron_apply(h, self._mats[f"{point}.left_it"], self._mats[f"{point}.right_it"], t.n1, t.n2)
 
     def modules(self) -> list[nn.Module]:
@@ -428,7 +494,8 @@ class FlatBlock:
     @torch.no_grad()
     def finalize(self, freeze: bool = True) -> None:
         """Merge the inverse transforms into the weights (float64), fix the online matrices as buffers, and (when
-        ``freeze``) write the clipped, quantized weights. Clipping logits of the online quantizers stay."""
+        ``freeze``) write the clipped, quantized weights. Clipping logits of the online quantizers stay.
+        ``freeze=False`` (the debug invariant) also skips the learned weight clipping folded with the V transform."""
         self.trainable(False)
         self._hook.remove()
         self._mats = {}
@@ -436,20 +503,21 @@ class FlatBlock:
         taps = self.block.taps
         for point in SCALED_TAPS:
             t = self.transforms[point]
-            inv_scale = None if t.scale is None else 1.0 / t.scale.to(f64)
+            inv_scale = None if t.diag_scale is None else t.diag_scale.to(f64)
             taps[point] = FrozenKron(t.n1, t.n2, t.left.matrix(f64), t.right.matrix(f64), inv_scale)
         o = self.transforms["attn_ctx"]
+        v_right = None
         if self.spec.o_factors == "heads":
             taps["attn_ctx"] = FrozenKron(o.n1, o.n2, left=o.left.matrix(f64))
-            taps["v_heads"].op = FrozenKron(1, o.n2, right=o.right.matrix(f64))
+            v_right = o.right.matrix(f64)
         else:
             taps["attn_ctx"] = FrozenKron(o.n1, o.n2, o.left.matrix(f64), o.right.matrix(f64))
         if self.head is not None:
             f = self.head.factor
             taps["q_rope"] = FrozenKron(1, f.n, right=f.inverse_transpose(f64))
             taps["k_rope"].op = FrozenKron(1, f.n, right=f.matrix(f64))
-        for q in self.linears.values():
-            q.merge_transform()
+        for role, q in self.linears.items():
+            q.merge_transform(head_right=v_right if role == "v" else None, clip=freeze)
             if freeze:
                 q.freeze()
         for name, buf in self.block.taps.named_buffers():
@@ -512,13 +580,9 @@ def install_flat_skeleton(model: nn.Module, spec: FlatBlockSpec) -> None:
         taps = block.taps
         for point, roles in SCALED_TAPS.items():
             taps[point] = kron(lin[roles[0]].in_features, scale=spec.use_scale)
-        if spec.o_factors == "heads":
-            taps["attn_ctx"] = kron(h * d, (h, d), right=False)
-            taps["v_heads"] = FlatActTap(kron(d, (1, d), left=False), spec.kv_spec, spec.learn_clip, spec.clip_init)
-        else:
-            taps["attn_ctx"] = kron(h * d)
-            if spec.kv_spec.enabled:
-                taps["v_heads"] = FlatActTap(None, spec.kv_spec, spec.learn_clip, spec.clip_init)
+        taps["attn_ctx"] = kron(h * d, (h, d), right=False) if spec.o_factors == "heads" else kron(h * d)
+        if spec.kv_spec.enabled:
+            taps["v_heads"] = FlatActTap(None, spec.kv_spec, spec.learn_clip, spec.clip_init)
         if spec.kv_spec.enabled:
             taps["q_rope"] = kron(d, (1, d), left=False)
             taps["k_rope"] = FlatActTap(kron(d, (1, d), left=False), spec.kv_spec, spec.learn_clip, spec.clip_init)

@@ -8,8 +8,9 @@ Algorithm, per transformer block ``l`` (FP inputs ``X`` to both the FP and the q
     theta = {P1, P2, s per transform; P per head; clip logits}   random-orthogonal Cayley init, logits 4.0
     for epoch in 1..E, for each batch B:
         L = sum_i w_i ||block_l^q(X_B; theta)_i - h*_i||^2 / sum_i w_i
-        (L / stopgrad(L)).backward();  AdamW step (lr; clip_lr_mult x lr for clipping);  cosine to 1e-3 lr
-    W <- (W s) (P1 (x) P2)^{-T} in float64;  W <- Q_w(W) with the learned clipping;  online transforms fixed
+        (L / stopgrad(L)).backward();  AdamW step (lr; clip_lr_mult x lr for clipping; weight decay 0.01 on every
+        trained parameter, torch's default as in the reference);  cosine to 1e-3 lr;  forward under bf16 autocast
+    W <- (W / d) (P1 (x) P2)^{-T} in float64;  W <- Q_w(W) with the learned clipping;  online transforms fixed
     next block's inputs: h* (propagate="fp", FlatQuant) or block_l^q(X) (propagate="quantized")
 
 ``w_i`` are the per-token weights of the FAIR-Calib weighting (``uniform``: 1, padding 0), so ``weighting=uniform``
@@ -54,11 +55,11 @@ class FlatQuantSettings:
     lr: float = 5e-3
     clip_lr_mult: float = 10.0
     min_lr_ratio: float = 1e-3
-    weight_decay: float = 0.0
+    weight_decay: float = 0.01
     alpha: float = 0.3
     shuffle: bool = False
     seed: int = 0
-    amp: bool = False
+    amp: bool = True
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -84,8 +85,7 @@ def train_flat_block(fb: FlatBlock, batches: BatchSource, n_batches: int, rope: 
     opt = torch.optim.AdamW(fb.parameter_groups(s.lr, s.lr * s.clip_lr_mult), weight_decay=s.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=s.epochs * max(1, n_batches),
                                                        eta_min=s.lr * s.min_lr_ratio)
-    cast = (torch.autocast("cuda", dtype=torch.bfloat16) if s.amp and device.type == "cuda"
-            else contextlib.nullcontext())
+    cast = training_autocast(s.amp, device)
     losses: list[float] = []
     width = fb.block.role("o").out_features  # d_model: report L / d, the engine's per-element MSE
     bar = tqdm(range(s.epochs), desc=f"flatquant {fb.name}", leave=False, disable=not s.progress)
@@ -112,6 +112,20 @@ def train_flat_block(fb: FlatBlock, batches: BatchSource, n_batches: int, rope: 
         bar.set_postfix(mse=f"{losses[-1]:.4g}")
     fb.trainable(False)
     return losses
+
+
+def training_autocast(amp: bool, device: torch.device) -> contextlib.AbstractContextManager:
+    """The reference's training precision: bf16 autocast (CPU and CUDA) around the block forward, parameters,
+    statistics and the loss in fp32, merges in fp64. A CUDA device without bf16 falls back to fp32 with a warning."""
+    if not amp:
+        return contextlib.nullcontext()
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        log.warning("flatquant: %s has no bf16; training in fp32 (quantizer.amp=false silences this)", device)
+        return contextlib.nullcontext()
+    if device.type not in ("cpu", "cuda"):
+        log.warning("flatquant: no bf16 autocast on device type %s; training in fp32", device.type)
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 def _as_float(bias: Tensor | None) -> Tensor | None:
@@ -225,9 +239,9 @@ class FlatQuant(LayerwiseMethod):
     default_propagate = "fp"
 
     def __init__(self, epochs: int = 15, batch_size: int = 4, lr: float = 5e-3, clip_lr_mult: float = 10.0,
-                 min_lr_ratio: float = 1e-3, weight_decay: float = 0.0, alpha: float = 0.3, use_scale: bool = True,
+                 min_lr_ratio: float = 1e-3, weight_decay: float = 0.01, alpha: float = 0.3, use_scale: bool = True,
                  learn_clip: bool = True, clip_init: float = 4.0, init: str = "random", o_factors: str = "heads",
-                 shuffle: bool = False, seed: int = 0, amp: bool = False, propagate: str | None = None,
+                 shuffle: bool = False, seed: int = 0, amp: bool = True, propagate: str | None = None,
                  device: str | None = None, offload: str = "cpu", offload_dir: str | None = None,
                  track_fp_stream: bool = False, progress: bool = True, **bits: Any) -> None:
         super().__init__(propagate=propagate, batch_size=int(batch_size), device=device, offload=offload,
