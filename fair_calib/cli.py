@@ -14,7 +14,7 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from fair_calib import CONF_DIR
 from fair_calib.errors import (
@@ -133,10 +133,30 @@ def _app(cfg: DictConfig) -> float | None:
         lock.close()
 
 
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity: cgroup, taskset, SLURM allocation), not the machine's."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
+def default_threads(hc, multirun: bool) -> int:
+    """``threads=null``: the available cores split between the jobs a joblib sweep runs at once (``n_jobs``; joblib's
+    negative values count back from the cores), so parallel jobs never oversubscribe the machine."""
+    cores = available_cores()
+    jobs = 1
+    n_jobs = OmegaConf.select(hc, "launcher.n_jobs") if multirun else None
+    if isinstance(n_jobs, int) and not isinstance(n_jobs, bool) and n_jobs != 0:
+        jobs = n_jobs if n_jobs > 0 else max(1, cores + 1 + n_jobs)
+    return max(1, cores // jobs)
+
+
 def _run_job(cfg: DictConfig, hc, run_dir: Path, multirun: bool) -> float | None:
     from fair_calib.pipeline import Pipeline
 
     pipeline = None
+    if cfg.get("threads", None) is None:
+        cfg.threads = default_threads(hc, multirun)
     try:
         pipeline = Pipeline(cfg, run_dir, choices=dict(hc.runtime.choices), group=_group(cfg, hc))
         results = pipeline.run()
