@@ -319,7 +319,7 @@ def test_weight_decay_applied_to_every_trained_parameter() -> None:
     block = model.blocks[0]
     stats, fp_out = block_act_absmax(block, h, rope, bias, calib.attention_mask.bool(), 4)
     s = FlatQuantSettings(epochs=1, batch_size=4, progress=False)
-    assert s.weight_decay == 0.01 and s.amp
+    assert s.weight_decay == 0.01 and s.amp == "auto"
     fb = FlatBlock(block, _spec(), "blocks.0", stats, generator=torch.Generator().manual_seed(0))
     u = fb.transforms["attn_in"].left.u.weight
     upper0 = u.detach().triu(1).clone()
@@ -366,9 +366,28 @@ def test_v_transform_folded_into_v_proj(kv: QuantSpec) -> None:
 
 
 def test_training_autocast_is_bf16_on_cpu() -> None:
-    from fair_calib.quant.flatquant import training_autocast
+    from fair_calib.quant.flatquant import native_bf16, training_autocast
 
-    with training_autocast(True, torch.device("cpu")):
+    cpu = torch.device("cpu")
+    with training_autocast(True, cpu):
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
-    with training_autocast(False, torch.device("cpu")):
+    with training_autocast(False, cpu):
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
+    with training_autocast("auto", cpu):
+        expected = torch.bfloat16 if native_bf16(cpu) else torch.float32
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == expected
+    with pytest.raises(ConfigError, match="amp"):
+        FlatQuantSettings(amp="bf16")
+
+
+def test_bf16_training_is_seeded_and_finite() -> None:
+    """amp=true (the reference's bf16 forward) on CPU: finite, and the same seed gives the same bits."""
+    results = []
+    for _ in range(2):
+        model, calib = _model(layers=1), _calib(n=4)
+        h, rope, bias = _block_inputs(model, calib)
+        settings = FlatQuantSettings(epochs=1, batch_size=4, progress=False, amp=True)
+        report = calibrate_block(model.blocks[0], h, None, None, rope, bias, settings, _spec())
+        assert report["train_dtype"] == "bfloat16" and report["mse_weighted"] > 0
+        results.append(torch.cat([p.detach().flatten() for p in model.blocks[0].parameters()]))
+    assert torch.isfinite(results[0]).all() and torch.equal(results[0], results[1])

@@ -10,6 +10,7 @@ Algorithm, per transformer block ``l`` (FP inputs ``X`` to both the FP and the q
         L = sum_i w_i ||block_l^q(X_B; theta)_i - h*_i||^2 / sum_i w_i
         (L / stopgrad(L)).backward();  AdamW step (lr; clip_lr_mult x lr for clipping; weight decay 0.01 on every
         trained parameter, torch's default as in the reference);  cosine to 1e-3 lr;  forward under bf16 autocast
+        (amp=auto: where the hardware has bf16)
     W <- (W / d) (P1 (x) P2)^{-T} in float64;  W <- Q_w(W) with the learned clipping;  online transforms fixed
     next block's inputs: h* (propagate="fp", FlatQuant) or block_l^q(X) (propagate="quantized")
 
@@ -59,7 +60,7 @@ class FlatQuantSettings:
     alpha: float = 0.3
     shuffle: bool = False
     seed: int = 0
-    amp: bool = True
+    amp: bool | str = "auto"
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -69,6 +70,8 @@ class FlatQuantSettings:
             raise ConfigError(f"flatquant batch_size must be >= 1, got {self.batch_size}")
         if not (self.lr > 0 and self.clip_lr_mult >= 0 and 0 <= self.min_lr_ratio <= 1 and self.weight_decay >= 0):
             raise ConfigError("flatquant needs lr > 0, clip_lr_mult >= 0, 0 <= min_lr_ratio <= 1, weight_decay >= 0")
+        if self.amp not in (True, False, "auto"):
+            raise ConfigError(f"flatquant amp={self.amp!r}: true (bf16 autocast), false (fp32) or auto")
         if not 0.0 <= self.alpha <= 1.0:
             raise ConfigError(f"flatquant alpha must be in [0, 1], got {self.alpha}")
 
@@ -114,16 +117,34 @@ def train_flat_block(fb: FlatBlock, batches: BatchSource, n_batches: int, rope: 
     return losses
 
 
-def training_autocast(amp: bool, device: torch.device) -> contextlib.AbstractContextManager:
-    """The reference's training precision: bf16 autocast (CPU and CUDA) around the block forward, parameters,
-    statistics and the loss in fp32, merges in fp64. A CUDA device without bf16 falls back to fp32 with a warning."""
+def native_bf16(device: torch.device) -> bool:
+    """bf16 matmuls in hardware: a CUDA device with bf16, or a CPU with AVX512-BF16 / AMX. Elsewhere bf16 is
+    emulated (measured on an AVX-512 CPU without BF16: 2.5-4x slower than fp32, see the README)."""
+    if device.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
+    if device.type == "cpu":
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    return False
+
+
+def train_dtype(amp: bool | str, device: torch.device) -> torch.dtype:
+    """The dtype of the block forward in training: ``amp=true`` bf16 (the reference's default; a CUDA device without
+    bf16 falls back to fp32 with a warning), ``false`` fp32, ``auto`` bf16 where :func:`native_bf16`, else fp32."""
+    if amp == "auto":
+        return torch.bfloat16 if native_bf16(device) else torch.float32
     if not amp:
-        return contextlib.nullcontext()
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        log.warning("flatquant: %s has no bf16; training in fp32 (quantizer.amp=false silences this)", device)
-        return contextlib.nullcontext()
-    if device.type not in ("cpu", "cuda"):
-        log.warning("flatquant: no bf16 autocast on device type %s; training in fp32", device.type)
+        return torch.float32
+    if device.type not in ("cpu", "cuda") or (device.type == "cuda" and not torch.cuda.is_bf16_supported()):
+        log.warning("flatquant: %s cannot autocast to bf16; training in fp32 (quantizer.amp=false silences this)",
+                    device)
+        return torch.float32
+    return torch.bfloat16
+
+
+def training_autocast(amp: bool | str, device: torch.device) -> contextlib.AbstractContextManager:
+    """The reference's training precision: bf16 autocast around the block forward (:func:`train_dtype`); the
+    parameters, transform matrices, statistics and the loss stay fp32, merges are fp64."""
+    if train_dtype(amp, device) != torch.bfloat16:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
@@ -183,7 +204,8 @@ def run_flat_block(block: DLLMBlock, spec: FlatBlockSpec, s: FlatQuantSettings, 
     block.to(orig_dtype)
     block.taps.float()  # online transforms and activation clipping stay fp32
     log.info("%s: weighted block MSE at init %.4g, last epoch %s", name, init, epochs[-1] if epochs else "-")
-    return {"mse_weighted_init": init, "mse_weighted_epochs": epochs, "train_time_s": time.perf_counter() - t0}
+    return {"mse_weighted_init": init, "mse_weighted_epochs": epochs, "train_time_s": time.perf_counter() - t0,
+            "train_dtype": str(train_dtype(s.amp, device)).removeprefix("torch.")}
 
 
 def calibrate_block(block: DLLMBlock, fp_inputs: Tensor, fp_outputs: Tensor | None, token_weights: Tensor | None,
@@ -241,7 +263,7 @@ class FlatQuant(LayerwiseMethod):
     def __init__(self, epochs: int = 15, batch_size: int = 4, lr: float = 5e-3, clip_lr_mult: float = 10.0,
                  min_lr_ratio: float = 1e-3, weight_decay: float = 0.01, alpha: float = 0.3, use_scale: bool = True,
                  learn_clip: bool = True, clip_init: float = 4.0, init: str = "random", o_factors: str = "heads",
-                 shuffle: bool = False, seed: int = 0, amp: bool = True, propagate: str | None = None,
+                 shuffle: bool = False, seed: int = 0, amp: bool | str = "auto", propagate: str | None = None,
                  device: str | None = None, offload: str = "cpu", offload_dir: str | None = None,
                  track_fp_stream: bool = False, progress: bool = True, **bits: Any) -> None:
         super().__init__(propagate=propagate, batch_size=int(batch_size), device=device, offload=offload,
@@ -252,7 +274,8 @@ class FlatQuant(LayerwiseMethod):
         self.settings = FlatQuantSettings(epochs=int(epochs), batch_size=int(batch_size), lr=float(lr),
                                           clip_lr_mult=float(clip_lr_mult), min_lr_ratio=float(min_lr_ratio),
                                           weight_decay=float(weight_decay), alpha=float(alpha), shuffle=bool(shuffle),
-                                          seed=int(seed), amp=bool(amp), progress=bool(progress))
+                                          seed=int(seed), amp=amp if isinstance(amp, str) else bool(amp),
+                                          progress=bool(progress))
         self.spec = FlatBlockSpec(self.bits.weight_spec(), self.bits.act_spec(), self.bits.kv_spec(),
                                   use_scale=bool(use_scale), learn_clip=bool(learn_clip), clip_init=float(clip_init),
                                   init=str(init), o_factors=str(o_factors))
