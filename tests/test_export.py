@@ -295,7 +295,9 @@ def test_reloaded_structure_and_online_state(exported) -> None:
     _, real, _, folder = exported("llada", _cfg("flatquant", epochs=1, kv_bits=4))
     block = real.blocks[0]
     assert isinstance(block.role("q"), PackedLinear) and block.role("q").input_clip.shape == (2,)
-    assert isinstance(block.taps["attn_in"][0], KronOp) and block.taps["attn_in"][0].inv_scale is not None
+    # diag_scale of the attention / MLP inputs lives in the RMSNorm weights; the down_proj input keeps it online
+    assert isinstance(block.taps["attn_in"][0], KronOp) and block.taps["attn_in"][0].inv_scale is None
+    assert block.taps["mlp_in"][0].inv_scale is None and block.taps["mlp_mid"][0].inv_scale is not None
     assert isinstance(block.taps["k_rope"][1], QuantOp) and 0 < float(block.taps["k_rope"][1].clip.min()) < 1
     cfg = json.loads((folder / "config.json").read_text())["quantization_config"]
     assert cfg["quant_method"] == "fair_calib" and cfg["fair_calib"]["method"] == "flatquant"

@@ -45,6 +45,7 @@ from fair_calib.registry import ConfigError
 O_FACTORS = ("heads", "balanced")
 TRANSFORM_INITS = ("random", "identity")
 SCALED_TAPS = {"attn_in": ("q", "k", "v"), "mlp_in": ("gate", "up"), "mlp_mid": ("down",)}
+NORM_BEFORE = {"attn_in": "attn_norm", "mlp_in": "mlp_norm"}  # deployment folds these taps' diag_scale into the norm
 
 
 # ---- math -------------------------------------------------------------------------------------------------------
@@ -493,7 +494,9 @@ class FlatBlock:
 
     @torch.no_grad()
     def finalize(self, freeze: bool = True) -> None:
-        """Merge the inverse transforms into the weights (float64), fix the online matrices as buffers, and (when
+        """Merge the inverse transforms into the weights (float64), fold the diag_scale of the attention / MLP input
+        transforms into the preceding RMSNorm weight (the reference's deployment; the down_proj input keeps its
+        scale online), fix the online matrices as buffers, and (when
         ``freeze``) write the clipped, quantized weights. Clipping logits of the online quantizers stay.
         ``freeze=False`` (the debug invariant) also skips the learned weight clipping folded with the V transform."""
         self.trainable(False)
@@ -504,6 +507,12 @@ class FlatBlock:
         for point in SCALED_TAPS:
             t = self.transforms[point]
             inv_scale = None if t.diag_scale is None else t.diag_scale.to(f64)
+            if inv_scale is not None and point in NORM_BEFORE:  # RMSNorm(x) * d: the scale lives in the norm's weight
+                norm_w = self.block.role(NORM_BEFORE[point]).weight
+                folded = norm_w.data.to(f64) * inv_scale
+                check_finite(folded, f"{self.name}.{NORM_BEFORE[point]}")
+                norm_w.data.copy_(folded)
+                inv_scale = None
             taps[point] = FrozenKron(t.n1, t.n2, t.left.matrix(f64), t.right.matrix(f64), inv_scale)
         o = self.transforms["attn_ctx"]
         v_right = None
@@ -579,7 +588,7 @@ def install_flat_skeleton(model: nn.Module, spec: FlatBlockSpec) -> None:
 
         taps = block.taps
         for point, roles in SCALED_TAPS.items():
-            taps[point] = kron(lin[roles[0]].in_features, scale=spec.use_scale)
+            taps[point] = kron(lin[roles[0]].in_features, scale=spec.use_scale and point not in NORM_BEFORE)
         taps["attn_ctx"] = kron(h * d, (h, d), right=False) if spec.o_factors == "heads" else kron(h * d)
         if spec.kv_spec.enabled:
             taps["v_heads"] = FlatActTap(None, spec.kv_spec, spec.learn_clip, spec.clip_init)
