@@ -302,9 +302,16 @@ class Pipeline:
             return None
         try:
             old = json.loads(path.read_text())
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            old = None
+        if not isinstance(old, dict):
+            log.warning("%s is not a results file of this tool; the run replaces it", path)
             return None
-        ok = old.get("status") == "ok" and old.get("run", {}).get("config_hash") == self.config_hash
+        run = old.get("run") if isinstance(old.get("run"), dict) else {}
+        if old.get("status") == "ok" and run.get("config_hash") != self.config_hash:
+            log.warning("%s holds the results of another config (hash %s, this run %s); the run replaces them",
+                        path, run.get("config_hash"), self.config_hash)
+        ok = old.get("status") == "ok" and run.get("config_hash") == self.config_hash
         return old if ok else None
 
     def run(self) -> dict[str, Any]:

@@ -128,3 +128,19 @@ def test_a_run_reads_the_fp_weights_once_for_all_its_caches(tmp_path, monkeypatc
     second = Pipeline(compose_cfg(*overrides), tmp_path / "b").run()
     assert len(calls) == 2 and second["summary"]["diag/teacher_cache_hit"] == 1.0
     assert first["metrics"] == second["metrics"] and first["scores"] == second["scores"]
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    ("[1, 2]", "is not a results file of this tool"),
+    ("\udcff\udcfe", "is not a results file of this tool"),
+    ('{"status": "ok", "run": {"config_hash": "0123"}}', "holds the results of another config (hash 0123"),
+    ('{"status": "ok", "run": []}', "holds the results of another config (hash None"),
+])
+def test_a_foreign_results_file_is_replaced_with_a_warning(tmp_path, caplog, content, message):
+    import logging
+
+    pipe = Pipeline(compose_cfg("experiment=none", "method=rtn", "logger=none"), tmp_path)
+    (tmp_path / "results.json").write_text(content, errors="surrogateescape")
+    with caplog.at_level(logging.WARNING, logger="fair_calib.pipeline"):
+        assert pipe.finished_results() is None
+    assert message in caplog.text
