@@ -206,13 +206,21 @@ def score(fp: Any, state: dict[str, torch.Tensor], ids: torch.Tensor, group_size
 
 
 def _with_weights(fp: Any, state: dict[str, torch.Tensor]) -> Any:
+    """A copy of `fp` with the block weights of `state` (same names: ours, or Qwen2's = our Dream layout)."""
     import copy
 
     model = copy.deepcopy(fp)
-    names = {k for block in range(len(fp.blocks)) for k in state if k.startswith(f"model.layers.{block}.")}
-    missing = model.load_state_dict({k: state[k] for k in names}, strict=False)
-    assert not missing.unexpected_keys, missing.unexpected_keys
+    blocks = {f"{name}.weight" for i, block in enumerate(fp.blocks) for name in _linear_names(fp, i)}
+    missing = blocks - set(state)
+    assert not missing, sorted(missing)[:3]
+    model.load_state_dict({k: state[k] for k in blocks}, strict=False)
     return model
+
+
+def _linear_names(fp: Any, index: int) -> list[str]:
+    block = fp.blocks[index]
+    prefix = next(n for n, m in fp.named_modules() if m is block)
+    return [f"{prefix}.{block.ROLE_PATHS[role]}" for role in block.linears()]
 
 
 @torch.no_grad()
