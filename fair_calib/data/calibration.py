@@ -37,6 +37,7 @@ class CalibrationSet:
     attention_mask: Tensor  # (N, L) long, 1 = real token
     answer_offset: Tensor  # (N, L) long, position - answer start on answer tokens, -1 elsewhere
     prompts: list[str]  # the prompt text of each row (what Stage I probes the teacher with)
+    masked: Tensor | None = None  # (N, L) bool, True where the input token was replaced by the mask id; None = none
 
     def __post_init__(self) -> None:
         if self.input_ids.dim() != 2 or self.input_ids.numel() == 0:
@@ -45,6 +46,9 @@ class CalibrationSet:
         for name in ("attention_mask", "answer_offset"):
             if getattr(self, name).shape != shape:
                 raise ValueError(f"calibration {name} shape {tuple(getattr(self, name).shape)} != ids {tuple(shape)}")
+        if self.masked is not None and (self.masked.shape != shape or self.masked.dtype != torch.bool):
+            raise ValueError(f"calibration masked must be a bool tensor of shape {tuple(shape)}, "
+                             f"got {self.masked.dtype} {tuple(self.masked.shape)}")
         if len(self.prompts) != shape[0]:
             raise ValueError(f"calibration set has {shape[0]} rows but {len(self.prompts)} prompts")
 
@@ -59,12 +63,17 @@ class CalibrationSet:
     def num_tokens(self) -> int:
         return int(self.attention_mask.sum())
 
+    def mask_status(self) -> Tensor:
+        """(N, L) bool: which inputs are the mask token (all False for unmasked, teacher-forced rows)."""
+        return self.masked if self.masked is not None else torch.zeros(self.input_ids.shape, dtype=torch.bool)
+
     def subset(self, index: Sequence[int] | Tensor | slice) -> CalibrationSet:
         """Rows `index` (e.g. a quick run on the first few sequences)."""
         rows = range(len(self))[index] if isinstance(index, slice) else [int(i) for i in index]
         idx = torch.as_tensor(list(rows), dtype=torch.long)
         return CalibrationSet(self.input_ids[idx], self.attention_mask[idx], self.answer_offset[idx],
-                              [self.prompts[i] for i in idx.tolist()])
+                              [self.prompts[i] for i in idx.tolist()],
+                              None if self.masked is None else self.masked[idx])
 
 
 def _check_tokenizer(tokenizer: Any, builder: str) -> None:
