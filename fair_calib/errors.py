@@ -2,6 +2,7 @@
 
     FairCalibError            anything the project expects to go wrong, with a message that says what to do
       ConfigError             bad input (a value, a file, a folder, a combination): exit 2
+        ModelLoadError        a model folder that cannot be loaded
       ComputationError        a failure during the computation (divergence, non-finite weights): exit 1
         NonFiniteWeightError  a quantized or calibrated weight with NaN/Inf (names the layer)
       Interrupted             SIGINT / SIGTERM: exit 130 / 143
@@ -32,6 +33,10 @@ class ConfigError(FairCalibError, ValueError):
     """A user-facing input error: one line that says what to change."""
 
     exit_code = 2
+
+
+class ModelLoadError(ConfigError):
+    """A model folder that cannot be loaded; the message says what to fix."""
 
 
 class ComputationError(FairCalibError, RuntimeError):

@@ -15,7 +15,7 @@ import logging
 import random
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -30,6 +30,9 @@ from fair_calib.models.validate import check_run_values, read_config
 from fair_calib.quant.base import BitSettings
 from fair_calib.registry import ConfigError, build
 from fair_calib.utils.io import stable_hash, state_dict_hash, write_json_atomic, write_text_atomic
+
+if TYPE_CHECKING:
+    from fair_calib.diagnostics.runner import DiagnosticsResult
 
 log = logging.getLogger("fair_calib")
 
@@ -380,7 +383,7 @@ class Pipeline:
         qmodel = fp if is_fp else copy.deepcopy(fp)
         report = self._timed("quantize_s", self.quantizer.quantize, qmodel, calib, token_weights)
 
-        diag: dict[str, Any] = {}
+        diag = None
         if self._runs_diagnostics:
             from fair_calib.diagnostics.runner import run_diagnostics
 
@@ -417,7 +420,7 @@ class Pipeline:
             raise RuntimeError("the benchmark provides no prompts for the diagnostics; set diagnostics.enabled=false")
         return prompts(int(self.cfg.diagnostics.n_prompts))
 
-    def _finish(self, metrics, report, diag) -> dict[str, Any]:
+    def _finish(self, metrics, report, diag: DiagnosticsResult | None) -> dict[str, Any]:
         quant_key = self.method_label if self.method_label in metrics else "FP"
         headline = self.benchmark.headline()
         summary: dict[str, float] = {}
@@ -426,7 +429,9 @@ class Pipeline:
             summary.update(interval_metrics("fp", self.scores.get("FP", {}), headline))
         summary.update(flat_metrics("quant", metrics[quant_key], headline))
         summary.update(interval_metrics("quant", self.scores.get(quant_key, {}), headline))
-        summary.update({k: v for k, v in diag.items() if isinstance(v, int | float)})
+        if diag is not None:  # the scalars join the summary; tables and plots go to the logger
+            summary.update({k: v for k, v in diag.items() if isinstance(v, int | float)})
+            diag.log_to(self.logger)
         report = report or {}
         summary.update({f"calib/{k}": v for k, v in report.items()
                         if isinstance(v, int | float) and not isinstance(v, bool)})
@@ -434,12 +439,6 @@ class Pipeline:
         if blocks and isinstance(blocks[0], dict):  # per-block reconstruction error of the layer-wise engine
             cols = [k for k, v in blocks[0].items() if isinstance(v, int | float | str)]
             self.logger.log_table("calibration/blocks", cols, [[b.get(c) for c in cols] for b in blocks])
-        for name, rows in getattr(diag, "tables", {}).items():
-            if rows:
-                self.logger.log_table(f"diagnostics/{name}", list(rows[0]), [list(r.values()) for r in rows])
-        for name, path in getattr(diag, "files", {}).items():
-            if str(path).endswith(".png"):
-                self.logger.log_image(f"diagnostics/{name}", path)
         results = {
             "status": "ok",
             "run": {"model": self.model_spec.label, "quantizer": self.cfg.quantizer.name,

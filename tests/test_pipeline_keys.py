@@ -144,3 +144,37 @@ def test_a_foreign_results_file_is_replaced_with_a_warning(tmp_path, caplog, con
     with caplog.at_level(logging.WARNING, logger="fair_calib.pipeline"):
         assert pipe.finished_results() is None
     assert message in caplog.text
+
+
+def test_the_run_logs_diagnostics_tables_and_plots_through_one_path(tmp_path):
+    from fair_calib.diagnostics.runner import DiagnosticsResult
+
+    class Recorder:
+        def __init__(self):
+            self.tables, self.images, self.metrics = [], [], {}
+
+        def log_table(self, name, columns, rows):
+            self.tables.append((name, columns, rows))
+
+        def log_image(self, name, path):
+            self.images.append(name)
+
+        def log_metrics(self, metrics):
+            self.metrics.update(metrics)
+
+    p = Pipeline(compose_cfg("method=rtn", "logger=none"), tmp_path)
+    p.logger = Recorder()
+    metrics = {"FP": {"addition": {"acc": 1.0}}, p.method_label: {"addition": {"acc": 0.5}}}
+    png = tmp_path / "flip_rate.png"
+    png.write_bytes(b"png")
+    diag = DiagnosticsResult({"diag/flip_rate": 0.25}, {"per_step": [{"step": 0, "flips": 1}], "empty": []},
+                             {"flip_rate": png, "scalars": tmp_path / "scalars.json"})
+    results = p._finish(metrics, {}, diag)
+    assert results["summary"]["diag/flip_rate"] == 0.25 and p.logger.metrics["diag/flip_rate"] == 0.25
+    assert ("diagnostics/per_step", ["step", "flips"], [[0, 1]]) in p.logger.tables
+    assert not any(t[0] == "diagnostics/empty" for t in p.logger.tables)
+    assert p.logger.images == ["diagnostics/flip_rate"]
+    p.logger = Recorder()
+    results = p._finish(metrics, {}, None)  # diagnostics off: no diag/ keys, no diagnostics tables
+    assert not any(k.startswith("diag/") for k in results["summary"])
+    assert not any(t[0].startswith("diagnostics/") for t in p.logger.tables)

@@ -7,14 +7,10 @@ from typing import Any
 
 from torch import nn
 
+from fair_calib.errors import ModelLoadError
 from fair_calib.export.config import read_layout
 from fair_calib.export.layout import ExportError
 from fair_calib.export.runtime import install_runtime
-from fair_calib.models.loading import ModelLoadError
-
-
-def is_quantized_config(raw: dict[str, Any]) -> bool:
-    return isinstance(raw.get("quantization_config"), dict)
 
 
 def install_from_config(model: nn.Module, raw: dict[str, Any]) -> None:

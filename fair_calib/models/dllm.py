@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from fair_calib.models.block import DLLMBlock, DreamBlock, LLaDABlock, RMSNorm, rope_tables
+from fair_calib.models.block import DreamBlock, LLaDABlock, RMSNorm, rope_tables
 from fair_calib.models.config import DLLMConfig
 
 
@@ -86,9 +86,6 @@ class DiffusionLM(nn.Module):
 
     def forward(self, ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         return self.head(self.hidden_states(ids, attention_mask))
-
-    def block_list(self) -> list[DLLMBlock]:
-        return list(self.blocks)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

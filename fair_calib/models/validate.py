@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from fair_calib.errors import ConfigError
+from fair_calib.errors import ConfigError, ModelLoadError
 from fair_calib.models.config import DLLMConfig
 
 NATIVE_TYPES = ("llada", "dream")
@@ -37,10 +37,6 @@ INDEX = "model.safetensors.index.json"
 PICKLE_HINT = ("convert it to safetensors with `python -c \"import torch; from safetensors.torch import save_file; "
                "save_file(torch.load('pytorch_model.bin', weights_only=True), 'model.safetensors')\"` "
                "(only for a file you trust) — pickles are not loaded for safety")
-
-
-class ModelLoadError(ConfigError):
-    """A model folder that cannot be loaded; the message says what to fix."""
 
 
 def _read_json(path: Path, what: str) -> Any:
