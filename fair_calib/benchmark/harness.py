@@ -337,7 +337,6 @@ class HarnessBenchmark:
             (k for k, t in self.tasks.items() if t.gen_length is not None), next(iter(self.tasks)))
         self.show_progress = bool(show_progress)
         self.last_samples: dict[str, list[dict[str, Any]]] = {}
-        self.last_results: dict[str, Any] = {}
         self._available: set[tuple[str, str | None]] = set()  # datasets found by an earlier check
 
     # ---- what the pipeline asks before running ------------------------------------------------
@@ -411,7 +410,7 @@ class HarnessBenchmark:
         limit = limit if limit is not None else self.limit
         manager = self._manager(list(self.tasks.values()))
         metrics: dict[str, dict[str, float]] = {}
-        self.last_samples, self.last_results = {}, {}
+        self.last_samples = {}
         for key, task in self.tasks.items():
             lm = DiffusionEvalLM(model, task.sampler_for(sampler), seed=seed, batch_size=self.batch_size,
                                  mc_num=task.mc_num, mc_batch_size=self.mc_batch_size, max_length=self.max_length,
@@ -437,7 +436,6 @@ class HarnessBenchmark:
             metrics[key] = metric_values(row)
             self.last_samples[key] = [{"task": name, **sample_record(s)}
                                       for name, samples in results.get("samples", {}).items() for s in samples]
-            self.last_results[key] = {k: v for k, v in results.items() if k != "samples"}
         return metrics
 
     def headline(self) -> dict[str, str]:

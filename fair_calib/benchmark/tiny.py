@@ -142,7 +142,6 @@ class TinyBenchmark:
         self.show_progress = bool(show_progress)
         self.likelihood = bool(likelihood)
         self.last_samples: dict[str, list[dict[str, Any]]] = {}
-        self.last_results: dict[str, Any] = {}
 
     def headline(self) -> dict[str, str]:
         """{task: headline metric key}: what `*/avg`, table.md and the report average."""
@@ -176,7 +175,7 @@ class TinyBenchmark:
     # ---- evaluation ------------------------------------------------------------------------------
     def evaluate(self, model: DiffusionLM, sampler: Sampler, seed: int = 0,
                  limit: int | None = None, label: str = "") -> dict[str, dict[str, float]]:
-        """Run the tasks; per-sample records go to `self.last_samples`, lm-eval's full results to `last_results`."""
+        """Run the tasks; the per-sample records go to `self.last_samples`."""
         from lm_eval import simple_evaluate
         from lm_eval.tasks import TaskManager
 
@@ -215,5 +214,4 @@ class TinyBenchmark:
                 metrics[name].pop(CONTINUOUS, None)
                 for record in self.last_samples[name]:
                     record.pop(CONTINUOUS, None)
-        self.last_results = {k: v for k, v in results.items() if k != "samples"}
         return metrics
