@@ -292,3 +292,37 @@ def test_taps_see_the_documented_shapes(tiny_dream: DiffusionLM) -> None:
         tiny_dream(_ids(2, 5))
     assert seen == {"attn_in": (2, 5, 32), "q_rope": (2, 4, 5, 8), "k_rope": (2, 2, 5, 8), "v_heads": (2, 2, 5, 8),
                     "attn_ctx": (2, 5, 32), "mlp_in": (2, 5, 32), "mlp_mid": (2, 5, 64)}
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_input_tap_is_what_each_linear_reads(family: str) -> None:
+    """INPUT_TAP / NORM_BEFORE (the one written copy of the block's wiring) against the forward pass itself:
+    every linear's input is the very tensor its tap returned, and each norm-preceded tap reads that norm's output."""
+    from fair_calib.models.block import INPUT_TAP, NORM_BEFORE, tap_readers
+
+    model = make_tiny(family)
+    blk = model.blocks[0]
+    tap_out: dict[str, torch.Tensor] = {}
+    tap_in: dict[str, torch.Tensor] = {}
+    lin_in: dict[str, torch.Tensor] = {}
+    norm_out: dict[str, torch.Tensor] = {}
+    def record(store: dict, key: str, inputs: dict | None = None):
+        def hook(_m, args, out=None):
+            store[key] = args[0] if out is None else out
+            if inputs is not None:
+                inputs[key] = args[0]
+        return hook
+
+    hooks = [blk.taps[t].register_forward_hook(record(tap_out, t, tap_in)) for t in TAP_POINTS]
+    hooks += [blk.role(r).register_forward_pre_hook(record(lin_in, r)) for r in LINEAR_ROLES]
+    hooks += [blk.role(n).register_forward_hook(record(norm_out, n)) for n in NORM_BEFORE.values()]
+    with torch.no_grad():
+        model(_ids(2, 6))
+    for h in hooks:
+        h.remove()
+    assert set(INPUT_TAP) == set(LINEAR_ROLES)
+    for role, tap in INPUT_TAP.items():
+        assert lin_in[role] is tap_out[tap], (role, tap)
+    for tap, norm in NORM_BEFORE.items():
+        assert tap_in[tap] is norm_out[norm], (tap, norm)
+    assert tap_readers("attn_in") == ("q", "k", "v") and tap_readers("mlp_mid") == ("down",)

@@ -29,6 +29,16 @@ from fair_calib.models.config import DLLMConfig
 TAP_POINTS = ("attn_in", "q_rope", "k_rope", "v_heads", "attn_ctx", "mlp_in", "mlp_mid")
 LINEAR_ROLES = ("q", "k", "v", "o", "gate", "up", "down")
 NORM_ROLES = ("attn_norm", "mlp_norm")
+# Facts about `DLLMBlock.forward`, written once for every method that needs a linear's input (GPTQ Hessians, AWQ and
+# FlatQuant statistics and transforms, export): the tap whose output each linear reads, and the norm before a tap.
+INPUT_TAP = {"q": "attn_in", "k": "attn_in", "v": "attn_in", "o": "attn_ctx", "gate": "mlp_in", "up": "mlp_in",
+             "down": "mlp_mid"}
+NORM_BEFORE = {"attn_in": "attn_norm", "mlp_in": "mlp_norm"}
+
+
+def tap_readers(tap: str) -> tuple[str, ...]:
+    """The linear roles that read `tap`'s output, in LINEAR_ROLES order (e.g. attn_in -> q, k, v)."""
+    return tuple(r for r in LINEAR_ROLES if INPUT_TAP[r] == tap)
 
 
 class RMSNorm(nn.Module):

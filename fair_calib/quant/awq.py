@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fair_calib.models.block import INPUT_TAP, LINEAR_ROLES, tap_readers
 from fair_calib.models.dllm import DiffusionLM
 from fair_calib.quant.engine import BlockContext, Collector, LayerwiseMethod, check_group_size, freeze_linears
 from fair_calib.quant.grids import QuantSpec, fake_quant_weight
@@ -39,7 +40,7 @@ from fair_calib.registry import ConfigError, register
 
 CACHED_INPUTS = ("q", "o", "gate", "down")  # one cached input per distinct linear input of the block
 CLIP_ROLES = ("v", "o", "gate", "up", "down")
-INPUT_OF = {"q": "q", "k": "q", "v": "q", "o": "o", "gate": "gate", "up": "gate", "down": "down"}
+INPUT_OF = {r: tap_readers(INPUT_TAP[r])[0] for r in LINEAR_ROLES}  # the role whose collected input each linear shares
 
 
 # ---- the math on plain tensors -------------------------------------------------------------------------

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fair_calib.models.block import DLLMBlock
+from fair_calib.models.block import NORM_BEFORE, DLLMBlock, tap_readers
 from fair_calib.quant.grids import QuantSpec, asym_scale_zero, quantize_asym, quantize_sym, sym_scale
 from fair_calib.quant.qlinear import ActQuantizer, QLinear, check_finite
 from fair_calib.quant.transforms import (
@@ -44,8 +44,9 @@ from fair_calib.registry import ConfigError
 
 O_FACTORS = ("heads", "balanced")
 TRANSFORM_INITS = ("random", "identity")
-SCALED_TAPS = {"attn_in": ("q", "k", "v"), "mlp_in": ("gate", "up"), "mlp_mid": ("down",)}
-NORM_BEFORE = {"attn_in": "attn_norm", "mlp_in": "mlp_norm"}  # deployment folds these taps' diag_scale into the norm
+# the taps with a per-channel scale and a shared Kronecker transform, and the linears that read each one; deployment
+# folds the scale of a tap with a norm before it (NORM_BEFORE) into that norm's weight
+SCALED_TAPS = {tap: tap_readers(tap) for tap in ("attn_in", "mlp_in", "mlp_mid")}
 
 
 # ---- math -------------------------------------------------------------------------------------------------------

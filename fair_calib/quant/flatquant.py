@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 BatchSource = Callable[[bool, torch.Generator], Iterator[Batch]]
 """fn(shuffle, generator) -> the mini-batches of one epoch (with FP targets)."""
 
-STAT_ROLES = {"attn_in": "q", "mlp_in": "gate", "mlp_mid": "down"}  # the linear whose input is each tap's output
+STAT_ROLES = {tap: roles[0] for tap, roles in SCALED_TAPS.items()}  # the linear whose input is collected per tap
 
 
 @dataclass(frozen=True)

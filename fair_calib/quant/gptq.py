@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from fair_calib.errors import ComputationError, NonFiniteWeightError
-from fair_calib.models.block import LINEAR_ROLES
+from fair_calib.models.block import INPUT_TAP, LINEAR_ROLES, tap_readers
 from fair_calib.models.dllm import DiffusionLM
 from fair_calib.quant.base import check_type
 from fair_calib.quant.engine import BlockContext, Collector, LayerwiseMethod, check_group_size, write_quantized_weight
@@ -40,10 +40,8 @@ from fair_calib.registry import ConfigError, register
 log = logging.getLogger(__name__)
 
 # which activation each linear reads: linears with the same source and input transform share one Hessian
-INPUT_SOURCE = {"q": "attn_in", "k": "attn_in", "v": "attn_in", "o": "attn_ctx", "gate": "mlp_in", "up": "mlp_in",
-                "down": "mlp_mid"}
 # true-sequential order (QuaRot / IST `--true-sequential`): later groups see the already quantized earlier ones
-SEQUENTIAL_GROUPS = (("q", "k", "v"), ("o",), ("gate", "up"), ("down",))
+SEQUENTIAL_GROUPS = tuple(tap_readers(t) for t in ("attn_in", "attn_ctx", "mlp_in", "mlp_mid"))  # forward order
 
 
 
@@ -345,7 +343,7 @@ class GPTQ(LayerwiseMethod):
         self._hessians, shared, collectors = {}, {}, {}
         for role in roles:
             lin = block.role(role)
-            key = (INPUT_SOURCE[role], id(getattr(lin, "input_transform", None)))
+            key = (INPUT_TAP[role], id(getattr(lin, "input_transform", None)))
             if key not in shared:
                 shared[key] = HessianAccumulator(lin.in_features, device)
                 collectors[role] = shared[key].add

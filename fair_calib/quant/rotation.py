@@ -29,14 +29,14 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from fair_calib.models.block import DLLMBlock
+from fair_calib.models.block import NORM_BEFORE, DLLMBlock, tap_readers
 from fair_calib.models.config import DLLMConfig
 from fair_calib.models.dllm import DiffusionLM
 from fair_calib.quant.hadamard import apply_hadamard, hadamard_factor, hadamard_matrix, random_hadamard
 
-INPUT_ROLES = ("q", "k", "v", "gate", "up")
+NORM_TARGETS = {norm: tap_readers(tap) for tap, norm in NORM_BEFORE.items()}  # attn_norm -> q, k, v; mlp_norm -> ...
+INPUT_ROLES = tuple(r for roles in NORM_TARGETS.values() for r in roles)  # read the (rotated) residual stream
 OUTPUT_ROLES = ("o", "down")
-NORM_TARGETS = {"attn_norm": ("q", "k", "v"), "mlp_norm": ("gate", "up")}
 O_MODES = ("auto", "heads", "full")
 
 

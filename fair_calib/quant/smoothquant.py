@@ -19,12 +19,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from fair_calib.models.block import NORM_BEFORE, tap_readers
 from fair_calib.models.dllm import DiffusionLM
 from fair_calib.quant.engine import BlockContext, Collector, LayerwiseMethod, check_group_size, freeze_linears
 from fair_calib.registry import ConfigError, register
 
 # (norm role, linears after it, the role whose input is recorded)
-SMOOTH_GROUPS = (("attn_norm", ("q", "k", "v"), "q"), ("mlp_norm", ("gate", "up"), "gate"))
+SMOOTH_GROUPS = tuple((norm, tap_readers(tap), tap_readers(tap)[0]) for tap, norm in NORM_BEFORE.items())
 
 
 class AbsMax:
