@@ -151,3 +151,13 @@ def test_paper_main_seeds_sweeps_three_seeds_and_seeds_must_be_positive() -> Non
         bad = compose("config", overrides=["experiment=paper_main", "seeds=0"], return_hydra_config=True)
         with pytest.raises(Exception, match="seeds=0: the number of calibration seeds must be an integer >= 1"):
             str(bad.hydra.sweeper.params["seed"])
+
+
+@pytest.mark.parametrize("model", ["tiny_llada", "tiny_dream", "llada_8b_instruct", "dream_7b_instruct"])
+def test_a_model_config_selects_its_family_sampler(model: str) -> None:
+    """The family's default sampler is written in conf/model (Hydra runs) and in FAMILY_DEFAULTS (lm-eval runs
+    without a decoding= argument): the two must agree."""
+    from fair_calib.benchmark.families import FAMILY_DEFAULTS
+
+    cfg = compose_cfg(f"model={model}", "experiment=none")
+    assert cfg.decoding.name == FAMILY_DEFAULTS[cfg.model.family].decoding

@@ -1,8 +1,8 @@
-"""Evaluation defaults per model family (DESIGN section 5): sampler, guidance, mask token, logit shift, chat template.
+"""Evaluation defaults per model family (DESIGN section 5): sampler, guidance, chat template.
 
-The loader already reads the mask id and the shift from config.json (falling back to the 8B/7B
-values); these defaults are what the evaluation adds on top, and a check that a loaded model
-agrees with its family where the family fixes a value (the full-size vocabularies).
+The token facts of the released checkpoints (mask id, vocabulary, logit shift) are the model config's
+(`fair_calib.models.config.RELEASED`); these defaults are what the evaluation adds on top, and a check that a
+loaded model agrees with its family where the family fixes a value (the full-size vocabularies).
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from fair_calib.models.config import RELEASED, Released
 from fair_calib.registry import ConfigError
 
 
@@ -17,19 +18,31 @@ from fair_calib.registry import ConfigError
 class FamilyDefaults:
     """What a family's reference evaluation uses unless the user or a task says otherwise."""
 
+    family: str
     decoding: str          # sampler registry key
-    mask_id: int           # mask token of the released checkpoints
-    full_vocab: int        # vocabulary size of the released checkpoints (mask id checked only there)
-    shift_logits: bool     # Dream predicts token i from position i-1
     cfg_scale: float       # classifier-free guidance (prompt masked) for likelihood and generation
     chat_template: bool    # apply the tokenizer's chat template (instruct models: only when asked)
 
+    @property
+    def released(self) -> Released:
+        return RELEASED[self.family]
+
+    @property
+    def mask_id(self) -> int:
+        return self.released.mask_id
+
+    @property
+    def full_vocab(self) -> int:  # the mask id is checked only at the released vocabulary size
+        return self.released.vocab_size
+
+    @property
+    def shift_logits(self) -> bool:
+        return self.released.shift_logits
+
 
 FAMILY_DEFAULTS: dict[str, FamilyDefaults] = {
-    "llada": FamilyDefaults(decoding="llada", mask_id=126336, full_vocab=126464, shift_logits=False,
-                            cfg_scale=0.0, chat_template=False),
-    "dream": FamilyDefaults(decoding="dream", mask_id=151666, full_vocab=152064, shift_logits=True,
-                            cfg_scale=0.0, chat_template=False),
+    "llada": FamilyDefaults(family="llada", decoding="llada", cfg_scale=0.0, chat_template=False),
+    "dream": FamilyDefaults(family="dream", decoding="dream", cfg_scale=0.0, chat_template=False),
 }
 
 

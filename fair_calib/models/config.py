@@ -6,6 +6,21 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 FAMILIES = ("llada", "dream")
+
+
+@dataclass(frozen=True)
+class Released:
+    """Token facts of a family's released checkpoints (DESIGN 5), written once: a config.json that omits a token id
+    falls back to these, and the evaluation checks a full-vocabulary model against them."""
+
+    mask_id: int
+    eos_id: int
+    vocab_size: int
+    shift_logits: bool  # Dream predicts token i from the hidden state at i-1; LLaDA predicts it at i
+
+
+RELEASED = {"llada": Released(mask_id=126336, eos_id=126081, vocab_size=126464, shift_logits=False),
+            "dream": Released(mask_id=151666, eos_id=151643, vocab_size=152064, shift_logits=True)}
 # config.json keys that describe a saved folder, not the model: `save_dllm` writes them afresh
 FOLDER_KEYS = ("torch_dtype", "dtype")
 
@@ -44,7 +59,7 @@ class DLLMConfig:
     @property
     def shift_logits(self) -> bool:
         """Dream predicts token i from the hidden state at i-1; LLaDA predicts it at i."""
-        return self.family == "dream"
+        return RELEASED[self.family].shift_logits
 
     # ---- Hugging Face config.json <-> DLLMConfig -------------------------------------------
     def derived_hf_dict(self) -> dict[str, Any]:
@@ -147,9 +162,9 @@ class DLLMConfig:
                 n_heads=n_heads,
                 n_kv_heads=int(d.get("n_kv_heads") or n_heads),
                 intermediate_size=int(hidden),
-                mask_id=int(d.get("mask_token_id", 126336)),
-                eos_id=int(d.get("eos_token_id", 126081)),
-                pad_id=int(d.get("pad_token_id", d.get("eos_token_id", 126081))),
+                mask_id=int(d.get("mask_token_id", RELEASED["llada"].mask_id)),
+                eos_id=int(d.get("eos_token_id", RELEASED["llada"].eos_id)),
+                pad_id=int(d.get("pad_token_id", d.get("eos_token_id", RELEASED["llada"].eos_id))),
                 rope_theta=float(d.get("rope_theta", 10000.0)),
                 norm_eps=float(d.get("rms_norm_eps", 1e-5)),
                 qkv_bias=bool(d.get("include_qkv_bias", False) or d.get("include_bias", False)),
@@ -164,9 +179,9 @@ class DLLMConfig:
                 n_heads=n_heads,
                 n_kv_heads=int(d.get("num_key_value_heads") or n_heads),
                 intermediate_size=int(d["intermediate_size"]),
-                mask_id=int(d.get("mask_token_id", 151666)),
-                eos_id=int(d.get("eos_token_id", 151643)),
-                pad_id=int(d.get("pad_token_id", d.get("eos_token_id", 151643))),
+                mask_id=int(d.get("mask_token_id", RELEASED["dream"].mask_id)),
+                eos_id=int(d.get("eos_token_id", RELEASED["dream"].eos_id)),
+                pad_id=int(d.get("pad_token_id", d.get("eos_token_id", RELEASED["dream"].eos_id))),
                 rope_theta=float(d.get("rope_theta", 1e6)),
                 norm_eps=float(d.get("rms_norm_eps", 1e-6)),
                 qkv_bias=True,
