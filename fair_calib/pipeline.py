@@ -29,6 +29,7 @@ from fair_calib.models.hf_folder import resolve_device
 from fair_calib.models.validate import check_run_values, read_config
 from fair_calib.quant.base import BitSettings
 from fair_calib.registry import ConfigError, build
+from fair_calib.utils.cache import DiskCache
 from fair_calib.utils.io import stable_hash, state_dict_hash, write_json_atomic, write_text_atomic
 
 if TYPE_CHECKING:
@@ -120,6 +121,14 @@ def run_key(plain: dict[str, Any], ignore: frozenset[str] = frozenset()) -> str:
         return node
 
     return stable_hash(strip(plain))
+
+
+def read_eval_entry(path: Path) -> dict[str, Any]:
+    """An evaluation-cache entry: metrics and per-document scores (KeyError / TypeError when it is not one)."""
+    entry = json.loads(path.read_text())
+    if not isinstance(entry["metrics"], dict) or not isinstance(entry["scores"], dict):
+        raise TypeError("metrics and scores must be objects")
+    return entry
 
 
 def check_seed(seed: Any, key: str = "seed") -> int:
@@ -265,31 +274,31 @@ class Pipeline:
         metrics, self.scores[label] = self._evaluate(model, tag, label)
         return metrics
 
+    def eval_cache_key(self, method: dict | None) -> str:
+        """The evaluation cache's key: FP weights, method, benchmark, decoding, eval_seed (volatile keys dropped)."""
+        return run_key({"weights": self.fp_hash, "method": method, "benchmark": self.plain["benchmark"],
+                        "decoding": self.plain["decoding"], "eval_seed": self.eval_seed, "format": 3})
+
     def _evaluate_cached(self, label: str, fp_model, method: dict | None,
                          build_model=None) -> dict[str, dict[str, float]]:
         """FP and calibration-free baselines give the same numbers in every job of a sweep: cache them
         (metrics and per-document scores) by (FP weights, method config, benchmark, decoding, eval_seed): the
         calibration seed does not enter, so a seed sweep evaluates FP and RTN once per model."""
-        key = stable_hash({"weights": self.fp_hash, "method": method,
-                           "benchmark": self.plain["benchmark"], "decoding": self.plain["decoding"],
-                           "eval_seed": self.eval_seed, "format": 3})
-        path = Path(self.cfg.cache_dir) / "eval" / f"{key}.json"
+        key = self.eval_cache_key(method)
+        cache = DiskCache(Path(self.cfg.cache_dir) / "eval", "evaluation", force=bool(self.cfg.get("force", False)),
+                          log=log)
         tag = (method or {}).get("name", "fp")
-        if path.is_file() and not self.cfg.get("force", False):
-            try:
-                cached = json.loads(path.read_text())
-                metrics, self.scores[label] = cached["metrics"], cached["scores"]
-                if cached.get("samples"):  # the folder holds the same files whether the cache was cold or warm
-                    write_json_atomic(self.run_dir / "samples" / f"{tag}.json", cached["samples"])
-                log.info("evaluation cache hit (%s): %s", tag, path)
-                return metrics
-            except (OSError, ValueError, KeyError, TypeError):
-                log.warning("evaluation cache entry %s is unreadable; evaluating again", path)
-        metrics = self._evaluate_column(label, build_model() if build_model else fp_model, tag)
-        samples = getattr(self.benchmark, "last_samples", None) or {}
-        write_json_atomic(path, {"metrics": metrics, "scores": self.scores[label], "method": method,
-                                 "samples": samples})
-        return metrics
+
+        def compute() -> dict[str, Any]:
+            metrics = self._evaluate_column(label, build_model() if build_model else fp_model, tag)
+            return {"metrics": metrics, "scores": self.scores[label], "method": method,
+                    "samples": getattr(self.benchmark, "last_samples", None) or {}}
+
+        entry, hit = cache.get(key, compute, read_eval_entry, lambda e, tmp: write_json_atomic(tmp, e), label=tag)
+        self.scores[label] = entry["scores"]
+        if hit and entry.get("samples"):  # the folder holds the same files whether the cache was cold or warm
+            write_json_atomic(self.run_dir / "samples" / f"{tag}.json", entry["samples"])
+        return entry["metrics"]
 
     def _quantized_copy(self, fp, quantizer, calib, token_weights):
         q = copy.deepcopy(fp)

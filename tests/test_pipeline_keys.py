@@ -178,3 +178,16 @@ def test_the_run_logs_diagnostics_tables_and_plots_through_one_path(tmp_path):
     results = p._finish(metrics, {}, None)  # diagnostics off: no diag/ keys, no diagnostics tables
     assert not any(k.startswith("diag/") for k in results["summary"])
     assert not any(t[0].startswith("diagnostics/") for t in p.logger.tables)
+
+
+def test_the_evaluation_cache_key_ignores_volatile_keys_only(tmp_path):
+    def key(*overrides, method=None):
+        p = Pipeline(compose_cfg("method=rtn", "logger=none", *overrides), tmp_path)
+        p.fp_hash = "w"
+        return p.eval_cache_key(method)
+
+    base = key()
+    assert key("benchmark.show_progress=false", "threads=1", "seed=3") == base  # progress, threads, calib seed
+    assert key("eval_seed=1") != base and key("benchmark.mc_num=8") != base
+    assert key(method={"name": "rtn", "w_bits": 4}) != key(method={"name": "rtn", "w_bits": 8})
+    assert key(method={"name": "rtn", "progress": True}) == key(method={"name": "rtn", "progress": False})

@@ -21,7 +21,8 @@ from tqdm.auto import tqdm
 from fair_calib.decoding.base import Sampler, left_pad
 from fair_calib.decoding.trace import SCORES, CommitTrace
 from fair_calib.models.dllm import DiffusionLM
-from fair_calib.utils.io import atomic_file, stable_hash, state_dict_hash
+from fair_calib.utils.cache import DiskCache
+from fair_calib.utils.io import stable_hash, state_dict_hash
 
 log = logging.getLogger("fair_calib.diagnostics")
 
@@ -110,20 +111,19 @@ def teacher_trajectory(fp_model: DiffusionLM, prompt_ids: list[list[int]], sampl
     """The FP teacher's rollout on the prompts, loaded from `cache_dir` when the same one was computed before."""
     g = resolve_gen_length(sampler, gen_length)
     key = trajectory_key(fp_model, prompt_ids, sampler, seed, g, batch_size, weights_hash)
-    path = Path(cache_dir) / "teacher_trajectory" / f"{key}.pt" if cache_dir is not None else None
-    if path is not None and path.is_file() and not force:
-        try:
-            stored = torch.load(path, map_location="cpu", weights_only=True)
-            traces = [trace_from_dict(d) for d in stored["traces"]]
-            log.info("teacher trajectory cache hit: %s", path)
-            return Trajectory(traces, key, True, path)
-        except Exception as err:  # truncated, corrupt or foreign file: decode again and overwrite it
-            log.warning("teacher trajectory cache %s unreadable (%s: %s); decoding again", path,
-                        type(err).__name__, str(err).splitlines()[0] if str(err) else "")
-    log.info("teacher trajectory cache miss (key %s): decoding %d prompts", key, len(prompt_ids))
-    traj = rollout(fp_model, prompt_ids, sampler, seed=seed, gen_length=g, batch_size=batch_size, desc="teacher")
-    traj.key, traj.path = key, path
-    if path is not None:
-        with atomic_file(path) as tmp:
-            torch.save({"format": TRAJECTORY_FORMAT, "traces": [trace_to_dict(t) for t in traj.traces]}, tmp)
-    return traj
+    cache = DiskCache(None if cache_dir is None else Path(cache_dir) / "teacher_trajectory", "teacher trajectory",
+                      suffix=".pt", force=force, log=log)
+
+    def load(path: Path) -> list[CommitTrace]:
+        return [trace_from_dict(d) for d in torch.load(path, map_location="cpu", weights_only=True)["traces"]]
+
+    def compute() -> list[CommitTrace]:
+        log.info("teacher trajectory: decoding %d prompts", len(prompt_ids))
+        return rollout(fp_model, prompt_ids, sampler, seed=seed, gen_length=g, batch_size=batch_size,
+                       desc="teacher").traces
+
+    def save(traces: list[CommitTrace], tmp: Path) -> None:
+        torch.save({"format": TRAJECTORY_FORMAT, "traces": [trace_to_dict(t) for t in traces]}, tmp)
+
+    traces, hit = cache.get(key, compute, load, save)
+    return Trajectory(traces, key, hit, cache.path(key))

@@ -33,6 +33,7 @@ from fair_calib.decoding.trace import SCORES, CommitTrace
 from fair_calib.models.dllm import DiffusionLM
 from fair_calib.prior.position_prior import FORMAT_VERSION, PositionPrior
 from fair_calib.registry import ConfigError, build, register
+from fair_calib.utils.cache import DiskCache
 from fair_calib.utils.io import stable_hash, state_dict_hash
 
 log = logging.getLogger(__name__)
@@ -154,8 +155,9 @@ class FairPrior:
             raise ConfigError("prior=fair needs a model with a tokenizer (attach one as model.tokenizer)")
         return [list(model.tokenizer.encode(p, add_special_tokens=False)) for p in prompts]
 
-    def cache_path(self, key: str) -> Path | None:
-        return self.cache_dir / f"prior-{key}.json" if self.cache_dir else None
+    @property
+    def cache(self) -> DiskCache:
+        return DiskCache(self.cache_dir, "prior", prefix="prior-", force=self.force, log=log)
 
     def estimate(self, model: DiffusionLM, prompts: list[str], out_dir: str | Path | None = None,
                  weights_hash: str | None = None) -> PositionPrior:
@@ -163,20 +165,13 @@ class FairPrior:
         if not prompts:
             raise ConfigError("prior=fair needs at least one calibration prompt")
         key = self.cache_key(model, prompts, weights_hash)
-        path = self.cache_path(key)
-        prior = None
-        if path is not None and path.exists() and not self.force:
-            try:
-                prior = PositionPrior.from_json(path)
-                log.info("prior cache hit: %s", path)
-            except (ValueError, KeyError, OSError, TypeError, AttributeError, IndexError) as err:
-                log.warning("prior cache %s unreadable (%s); probing again", path, err)
-        if prior is None:
+
+        def compute() -> PositionPrior:
             prior = self.probe(model, prompts)
             prior.key = key
-            if path is not None:
-                prior.to_json(path)
-                log.info("prior cached: %s", path)
+            return prior
+
+        prior, _ = self.cache.get(key, compute, PositionPrior.from_json, lambda p, tmp: p.to_json(tmp))
         if out_dir is not None:
             prior.save(out_dir)
         return prior
