@@ -370,6 +370,42 @@ def capture_block_inputs(model: DiffusionLM, calib: Any, settings: EngineSetting
     return store
 
 
+def fp_pass(ctx: BlockContext, method: LayerwiseMethod, fp_stream: HiddenStore | None) -> None:
+    """Pass 1, quantizers off: the block's FP outputs (the targets) with the method's collectors attached, and the
+    true FP trajectory when it is tracked (before the solve changes the block)."""
+    set_quant_enabled(ctx.block, False)
+    with ctx.collecting(method.collect(ctx.block, ctx)):
+        for batch in ctx.batches():
+            ctx.fp_outputs[batch.rows] = ctx.forward(batch, collect=True)
+    if fp_stream is not None:
+        for batch in ctx.batches():
+            fp_stream[batch.rows] = ctx.forward(batch, x=fp_stream[batch.rows].to(ctx.device))
+
+
+def quantized_pass(ctx: BlockContext, propagate: str, needs_next: bool,
+                   fp_stream: HiddenStore | None) -> tuple[ErrorMeter, ErrorMeter]:
+    """Pass 2, quantizers on: the error against the FP targets (and the FP stream), and the next block's inputs
+    from the same outputs whenever they are the same function (propagate=quantized, or weight-only quantization
+    under propagate=weights); a third, weight-only pass only when they differ. Nobody reads the last block's
+    next inputs, so `needs_next` is False there."""
+    set_quant_enabled(ctx.block, True)
+    same = propagate == "weights" and weight_only_is_identity(ctx.block)
+    feed_next = needs_next and (propagate == "quantized" or same)
+    local, drift = ErrorMeter(), ErrorMeter()
+    for batch in ctx.batches(targets=True):
+        y = ctx.forward(batch)
+        local.add(y, batch.target, batch.weights, batch.mask)
+        if fp_stream is not None:
+            drift.add(y, fp_stream[batch.rows].to(ctx.device), batch.weights, batch.mask)
+        if feed_next:
+            ctx.inputs[batch.rows] = y
+    if needs_next and propagate == "weights" and not same:
+        with weight_only(ctx.block):
+            for batch in ctx.batches():
+                ctx.inputs[batch.rows] = ctx.forward(batch)
+    return local, drift
+
+
 def run_layerwise(model: DiffusionLM, calib: Any, method: LayerwiseMethod,
                   token_weights: Tensor | None = None) -> dict[str, Any]:
     """Calibrate `model` in place block by block with `method`; returns the report (per-block errors, timings)."""
@@ -401,31 +437,10 @@ def run_layerwise(model: DiffusionLM, calib: Any, method: LayerwiseMethod,
             move_block(block, device)
             ctx = BlockContext(index, block, device, rope, inputs, fp_out, mask, weights, settings.batch_size)
             with torch.no_grad():
-                set_quant_enabled(block, False)
-                with ctx.collecting(method.collect(block, ctx)):
-                    for batch in ctx.batches():
-                        fp_out[batch.rows] = ctx.forward(batch, collect=True)
-                if fp_stream is not None:  # the true FP trajectory, before the solve changes the block
-                    for batch in ctx.batches():
-                        fp_stream[batch.rows] = ctx.forward(batch, x=fp_stream[batch.rows].to(device))
+                fp_pass(ctx, method, fp_stream)
             extras = method.quantize_block(block, ctx) or {}
             with torch.no_grad():
-                set_quant_enabled(block, True)
-                needs_next = index < len(blocks) - 1  # nobody reads the last block's "next inputs"
-                same = settings.propagate == "weights" and weight_only_is_identity(block)
-                feed_next = needs_next and (settings.propagate == "quantized" or same)
-                local, drift = ErrorMeter(), ErrorMeter()
-                for batch in ctx.batches(targets=True):
-                    y = ctx.forward(batch)
-                    local.add(y, batch.target, batch.weights, batch.mask)
-                    if fp_stream is not None:
-                        drift.add(y, fp_stream[batch.rows].to(device), batch.weights, batch.mask)
-                    if feed_next:
-                        inputs[batch.rows] = y
-                if needs_next and settings.propagate == "weights" and not same:
-                    with weight_only(block):
-                        for batch in ctx.batches():
-                            inputs[batch.rows] = ctx.forward(batch)
+                local, drift = quantized_pass(ctx, settings.propagate, index < len(blocks) - 1, fp_stream)
             if settings.propagate == "fp":
                 inputs, fp_out = fp_out, inputs
             move_block(block, home)
