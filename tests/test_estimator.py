@@ -17,8 +17,8 @@ from conftest import tiny_config
 from torch import Tensor, nn
 
 from fair_calib.benchmark.lm import (
+    answer_logits,
     greedy_unmask,
-    guided_logits,
     mc_loglikelihood,
     mc_masks,
     official_mask_counts,
@@ -71,7 +71,7 @@ def exact_elbo(model: DiffusionLM, context: list[int], answer: list[int], cfg_sc
             x = seq.clone()
             x[0, [p + i for i in subset]] = MASK
             logits = model(x)
-            if cfg_scale > 0:  # written out here independently of guided_logits
+            if cfg_scale > 0:  # written out here independently of answer_logits
                 un = x.clone()
                 un[0, :p] = MASK
                 logits = model(un) + (cfg_scale + 1) * (logits - model(un))
@@ -141,7 +141,7 @@ def test_prompt_never_masked_and_same_seed_same_number() -> None:
     assert ((x[:, 3:] == MASK).sum(1) >= 1).all()
     # guidance masks the prompt only in the unconditional branch
     model.inputs.clear()
-    guided_logits(model, torch.tensor([context + [MASK] * 3]), 3, cfg_scale=1.0)
+    answer_logits(model, torch.tensor([context + [MASK] * 3]), 3, cfg_scale=1.0)
     both = model.inputs[0]
     assert both.shape == (2, 6) and both[0, :3].tolist() == context and (both[1, :3] == MASK).all()
 

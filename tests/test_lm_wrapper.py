@@ -14,7 +14,6 @@ from torch import nn
 from fair_calib.benchmark.families import family_defaults, resolve_cfg_scale
 from fair_calib.benchmark.lm import (
     DiffusionEvalLM,
-    fit_sampler,
     mc_loglikelihood,
     random_masks,
     request_seed,
@@ -310,16 +309,16 @@ def test_progress_bars_name_the_model_they_decode(capsys):
     assert "generate:" in capsys.readouterr().err  # no label: the bar as before
 
 
-def test_fit_sampler_rule():
+def test_sampler_fitted_rule():
     llada = LLaDASampler(gen_length=64, steps=64, block_length=32)
     for want, (g, steps, block) in {8: (8, 8, 8), 32: (32, 32, 32), 100: (128, 128, 32), 256: (256, 256, 32)}.items():
-        s, got = fit_sampler(llada, want)
+        s, got = llada.fitted(want)
         assert (got, s.gen_length, s.steps, s.block_length) == (g, g, steps, block)
     half = LLaDASampler(gen_length=64, steps=32, block_length=32)  # 2 tokens per step
-    assert fit_sampler(half, 32)[0].steps == 16
-    assert fit_sampler(half, 64)[0].steps == 32
-    assert fit_sampler(LLaDASampler(gen_length=64, steps=64, block_length=4), 8)[0].block_length == 4
-    dream, g = fit_sampler(DreamSampler(gen_length=64, steps=32), 8)
+    assert half.fitted(32)[0].steps == 16
+    assert half.fitted(64)[0].steps == 32
+    assert LLaDASampler(gen_length=64, steps=64, block_length=4).fitted(8)[0].block_length == 4
+    dream, g = DreamSampler(gen_length=64, steps=32).fitted(8)
     assert (g, dream.gen_length, dream.steps) == (8, 8, 4)
     assert llada.gen_length == 64  # the configured sampler is not modified
 

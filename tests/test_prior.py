@@ -227,8 +227,13 @@ def test_no_cache_dir_always_probes(counted_probe):
 
 def test_sampler_config_defaults_and_errors():
     p = FairPrior(window=32)
-    assert p.sampler_cfg == {"name": "llada", "remasking": "random", "gen_length": 32, "steps": 32,
-                             "block_length": 32}
+    want = {"name": "llada", "remasking": "random", "gen_length": 32, "steps": 32, "block_length": 32}
+    assert {k: p.sampler_cfg[k] for k in want} == want  # plus the sampler's other fields at their defaults
+    assert build("decoding", p.sampler_cfg) == build("decoding", want)
+    dream = FairPrior(window=8, sampler={"name": "dream", "alg": "maskgit_plus"}).sampler_cfg
+    assert (dream["gen_length"], dream["steps"], "block_length" in dream) == (8, 8, False)
+    with pytest.raises(ConfigError, match="prior.sampler: block_length 3 does not divide"):
+        FairPrior(window=8, sampler={"name": "llada", "block_length": 3})  # refused at construction
     p = FairPrior(window=8, gen_length=16, steps=8, sampler={"name": "llada", "remasking": "random",
                                                               "block_length": 8})
     assert (p.sampler_cfg["gen_length"], p.sampler_cfg["steps"], p.sampler_cfg["block_length"]) == (16, 8, 8)

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from fair_calib.benchmark.families import model_family, resolve_cfg_scale
-from fair_calib.benchmark.lm import DiffusionEvalLM, check_estimator, fit_sampler
+from fair_calib.benchmark.lm import DiffusionEvalLM, check_estimator
 from fair_calib.benchmark.tiny import metric_values, quiet_lm_eval
 from fair_calib.decoding.base import Sampler
 from fair_calib.models.dllm import DiffusionLM
@@ -64,12 +64,9 @@ class HarnessTask:
 
     def sampler_for(self, sampler: Sampler) -> Sampler:
         """The run's sampler with this task's generation length, steps and (LLaDA) block length."""
-        if self.gen_length is None or not dataclasses.is_dataclass(sampler):
+        if self.gen_length is None:
             return sampler
-        changes: dict[str, Any] = {"gen_length": int(self.gen_length), "steps": int(self.steps or self.gen_length)}
-        if hasattr(sampler, "block_length"):
-            changes["block_length"] = int(self.block_length or self.gen_length)
-        return dataclasses.replace(sampler, **changes)
+        return sampler.with_length(int(self.gen_length), self.steps, self.block_length)
 
 
 # ---- task folders and datasets -------------------------------------------------------------------
@@ -351,7 +348,7 @@ class HarnessBenchmark:
                 s = t.sampler_for(sampler)
                 if hasattr(s, "validate"):
                     s.validate(s.gen_length)
-                fit_sampler(s, int(t.gen_length))
+                s.fitted(int(t.gen_length))
         self.check_available()
 
     def check_available(self) -> None:
@@ -398,7 +395,7 @@ class HarnessBenchmark:
     def diagnostic_sampler(self, sampler: Sampler) -> Sampler:
         task = self.tasks[self.diagnostic_task]
         s = task.sampler_for(sampler)
-        return fit_sampler(s, int(task.gen_length))[0] if task.gen_length else s
+        return s.fitted(int(task.gen_length))[0] if task.gen_length else s
 
     # ---- evaluation ------------------------------------------------------------------------------
     def evaluate(self, model: DiffusionLM, sampler: Sampler, seed: int = 0,

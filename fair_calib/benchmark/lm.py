@@ -2,7 +2,7 @@
 
 - `generate_until`: batched, left-padded prompts through the sampler; the decoded text is cut at the
   first end-of-text token, then at the first of lm-eval's `until` strings, and holds at most
-  `max_gen_toks` tokens. How the sampler is fitted to a task's generation length: `fit_sampler`.
+  `max_gen_toks` tokens. How the sampler is fitted to a task's generation length: `Sampler.fitted`.
 - `loglikelihood`: LLaDA's Monte Carlo masked estimate (DESIGN section 5, `get_log_likelihood` of
   ML-GSAI/LLaDA `eval_llada.py`): on x = context + continuation, mask only continuation tokens;
   sample j masks m_j of the L continuation tokens (m_j stratified over the samples, positions
@@ -25,9 +25,7 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
-import math
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -40,7 +38,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from fair_calib.benchmark.families import family_defaults
-from fair_calib.decoding.base import Sampler, decode_answer, left_pad
+from fair_calib.decoding.base import Sampler, decode_answer, guided_logits, left_pad
 from fair_calib.models.dllm import DiffusionLM
 from fair_calib.registry import ConfigError
 
@@ -90,14 +88,11 @@ def random_masks(counts: Tensor, target_len: int, generator: torch.Generator | N
     return perm < counts[:, None]
 
 
-def guided_logits(model: DiffusionLM, x: Tensor, prompt_len: int, cfg_scale: float = 0.0) -> Tensor:
-    """Aligned logits of x; with cfg_scale > 0, LLaDA's guidance un + (cfg + 1)(cond - un), un = prompt masked."""
-    if cfg_scale <= 0:
-        return model(x)
-    uncond = x.clone()
-    uncond[:, :prompt_len] = model.mask_id
-    cond, un = model(torch.cat([x, uncond])).chunk(2)
-    return un + (cfg_scale + 1) * (cond - un)
+def answer_logits(model: DiffusionLM, x: Tensor, prompt_len: int, cfg_scale: float = 0.0) -> Tensor:
+    """(B, L - prompt_len, V) fp32 logits of the answer positions of unpadded canvases x, guided when cfg_scale > 0
+    (the sampler's `guided_logits`; the mask token keeps its logit, as in LLaDA's likelihood code)."""
+    logits = guided_logits(model, x, torch.ones_like(x), prompt_len, cfg_scale, suppress_mask=False)
+    return logits[:, prompt_len:].float()
 
 
 ESTIMATORS = ("stratified", "official")
@@ -166,7 +161,7 @@ def mc_loglikelihoods(model: DiffusionLM, pairs: Sequence[tuple[Sequence[int], S
                 m = torch.stack([r[2] for r in chunk]).to(device)
                 x = seq.clone()
                 x[:, p:] = torch.where(m, model.mask_id, seq[:, p:])
-                logits = guided_logits(model, x, p, cfg_scale)[:, p:].float()
+                logits = answer_logits(model, x, p, cfg_scale)
                 ce = F.cross_entropy(logits.transpose(1, 2), seq[:, p:], reduction="none")  # (b, L)
                 ratio = m.sum(1).float() / length  # mask ratio m_j / L of each sequence
                 weight = torch.tensor([r[3] for r in chunk], device=device)
@@ -193,7 +188,7 @@ def greedy_unmask(model: DiffusionLM, context: Sequence[int], length: int, cfg_s
     p = len(context)
     x = torch.tensor([list(context) + [model.mask_id] * length], dtype=torch.long, device=model.device)
     for _ in range(length):
-        logits = guided_logits(model, x, p, cfg_scale)[0, p:].float()
+        logits = answer_logits(model, x, p, cfg_scale)[0]
         logits[:, model.mask_id] = -torch.inf
         confidence, token = torch.softmax(logits, -1).max(-1)
         confidence = torch.where(x[0, p:] == model.mask_id, confidence, -torch.inf)
@@ -211,32 +206,6 @@ def rolling_windows(tokens: Sequence[int], window: int, context: int = 0) -> lis
 
 
 # ---- generation helpers -------------------------------------------------------------------------
-def fit_sampler(sampler: Sampler, max_new_tokens: int) -> tuple[Sampler, int]:
-    """The sampler for one generation length, keeping the decoding config's tokens per step.
-
-    Rule: r = steps / gen_length of the configured sampler (1 token per step by default).
-    LLaDA (has `block_length`): block b = min(block_length, max_new_tokens); canvas
-    G = max_new_tokens rounded up to a multiple of b; steps = ceil(G r) rounded up to a multiple of
-    the G / b blocks. E.g. the default llada config (64 / 64 / 32) gives G = steps = block = 8 for
-    addition and 32 for word problems, and G 256 / block 32 / steps 256 for a 256-token task.
-    Dream: G = max_new_tokens, steps = ceil(G r). Returns (sampler copy, G).
-    """
-    if max_new_tokens <= 0:
-        raise ConfigError(f"max_gen_toks must be positive, got {max_new_tokens}")
-    if not dataclasses.is_dataclass(sampler):
-        return sampler, max_new_tokens
-    ratio = sampler.steps / sampler.gen_length
-    block = getattr(sampler, "block_length", None)
-    if block:
-        b = min(block, max_new_tokens)
-        g = math.ceil(max_new_tokens / b) * b
-        n_blocks = g // b
-        steps = math.ceil(math.ceil(g * ratio) / n_blocks) * n_blocks
-        return dataclasses.replace(sampler, gen_length=g, steps=steps, block_length=b), g
-    return dataclasses.replace(sampler, gen_length=max_new_tokens, steps=max(1, math.ceil(max_new_tokens * ratio))), \
-        max_new_tokens
-
-
 def truncate_at_stop(text: str, until: Sequence[str] | str | None) -> str:
     """Cut `text` at the earliest occurrence of any stop string (lm-eval's `until`)."""
     if isinstance(until, str):
@@ -296,9 +265,9 @@ class DiffusionEvalLM(LM):
             raise ConfigError(f"sampler settings {sorted(sampler_args)} given together with a built sampler")
         cfg_scale = _literal(cfg_scale)
         if cfg_scale is None:  # the sampler's guidance (LLaDA), else the family default
-            cfg_scale = getattr(sampler, "cfg_scale", defaults.cfg_scale)
-        elif hasattr(sampler, "cfg_scale"):
-            sampler = dataclasses.replace(sampler, cfg_scale=float(cfg_scale))
+            cfg_scale = sampler.cfg_scale if sampler.cfg_scale is not None else defaults.cfg_scale
+        else:
+            sampler = sampler.with_guidance(float(cfg_scale))
         self.cfg_scale = float(cfg_scale)
         self.check_greedy = _as_bool(check_greedy)
         if model.tokenizer is None:
@@ -412,7 +381,7 @@ class DiffusionEvalLM(LM):
                    mininterval=2)
         with self._eval_mode(), bar:
             for max_new, idx in groups.items():
-                sampler, g = fit_sampler(self.sampler, max_new)
+                sampler, g = self.sampler.fitted(max_new)
                 encoded = {i: self.encode(requests[i].args[0])[-max(1, self.max_length - g):] for i in idx}
                 idx = sorted(idx, key=lambda i: len(encoded[i]))  # similar lengths share a batch: less padding
                 for chunk in _batches(idx, self.batch_size):

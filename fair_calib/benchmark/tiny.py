@@ -5,7 +5,7 @@ final number; compare is multiple choice by the Monte Carlo likelihood (metric a
 `likelihood: true` every task also reports `answer_ll`, the Monte Carlo log-likelihood (nats) of the
 reference answer (the `tinyreason_*_ll` companion tasks; for compare, of the correct choice): a
 continuous, lower-variance measure of damage that still moves where accuracy saturates. Generation
-lengths are per task (`gen_length`); `fit_sampler` (lm.py) derives steps / block length from the
+lengths are per task (`gen_length`); `Sampler.fitted` derives steps / block length from the
 decoding config, so one decoding config serves tasks of different lengths.
 """
 
@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from fair_calib.benchmark.lm import DiffusionEvalLM, check_estimator, fit_sampler
+from fair_calib.benchmark.lm import DiffusionEvalLM, check_estimator
 from fair_calib.benchmark.tinyreason_tasks import LM_EVAL_NAME, TASKS_DIR, available, read_rows
 from fair_calib.data.tinyreason import TASKS
 from fair_calib.decoding.base import Sampler
@@ -159,7 +159,7 @@ class TinyBenchmark:
         """Fail early (DecodingConfigError) if the decoding config cannot produce a task's generation length."""
         for task in self.tasks:
             if task in GENERATION_TASKS:
-                fit_sampler(sampler, int(self.gen_length[task]))
+                sampler.fitted(int(self.gen_length[task]))
 
     def diagnostic_prompts(self, n: int) -> list[str]:
         """The first n test prompts of `diagnostic_task` (evaluation prompts for the trajectory diagnostics)."""
@@ -170,7 +170,7 @@ class TinyBenchmark:
 
     def diagnostic_sampler(self, sampler: Sampler) -> Sampler:
         """The run's sampler fitted to the diagnostic task's generation length (as in the evaluation)."""
-        return fit_sampler(sampler, int(self.gen_length.get(self.diagnostic_task, sampler.gen_length)))[0]
+        return sampler.fitted(int(self.gen_length.get(self.diagnostic_task, sampler.gen_length)))[0]
 
     # ---- evaluation ------------------------------------------------------------------------------
     def evaluate(self, model: DiffusionLM, sampler: Sampler, seed: int = 0,

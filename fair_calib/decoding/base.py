@@ -1,7 +1,22 @@
-"""What every sampler shares: batched left-padded prompts, the masked canvas, and the output record."""
+"""What every sampler shares: batched left-padded prompts, the masked canvas, the output record, and the few
+operations the rest of the code asks of a decoding policy (`Sampler`):
+
+    step_logits(model, x, attn, p)   the logits the policy acts on in canvas state x (its guidance, its mask rule)
+    rank_confidence(logits)          the score its greedy rule ranks masked positions by
+    eligible(masked)                 the positions it may commit this step (LLaDA: the current block only)
+    model_independent                True when it ranks by random draws only (any model picks the same set)
+    uses_guidance / cfg_scale        classifier-free guidance (a doubled batch per step); cfg_scale None = none
+    fitted(n)                        the sampler for an n-token answer, keeping its tokens per step
+    with_length(g, steps, block)     the sampler at generation length g (steps default g, one block unless given)
+    with_guidance(scale)             the sampler with another guidance scale (a no-op without guidance)
+
+Diagnostics, Stage I and the lm-eval wrapper use these; nothing outside `decoding/` asks which sampler it is.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
@@ -62,6 +77,57 @@ class Sampler(ABC):
     """A decoding policy. `generate` fills `gen_length` masked positions after each prompt."""
 
     gen_length: int
+    cfg_scale: float | None = None  # classifier-free guidance scale; None: the policy has no guidance
+
+    # ---- the policy's rules, for callers that replay one step (diagnostics) ----------------------------------
+    @property
+    def uses_guidance(self) -> bool:
+        """True when a step runs the model on a doubled (conditional + unconditional) batch."""
+        return bool(self.cfg_scale) and self.cfg_scale > 0
+
+    @property
+    def suppress_mask(self) -> bool:
+        """Whether the mask token's logit is removed before the policy ranks and picks tokens."""
+        return True
+
+    @property
+    def model_independent(self) -> bool:
+        """True when the policy ranks positions by random draws only, so every model picks the same set."""
+        return False
+
+    def step_logits(self, model: DiffusionLM, x: Tensor, attn: Tensor, prompt_len: int) -> Tensor:
+        """(B, L, V) logits the policy acts on in canvas state `x`."""
+        return guided_logits(model, x, attn, prompt_len, self.cfg_scale or 0.0, self.suppress_mask)
+
+    def rank_confidence(self, logits: Tensor) -> Tensor:
+        """(B, G) score of each position's greedy token the policy ranks by: its softmax probability in float64."""
+        return torch.softmax(logits.double(), dim=-1).max(-1).values
+
+    def eligible(self, masked: Tensor) -> Tensor:
+        """(B, G) positions the policy may commit this step, given the still-masked ones."""
+        return masked
+
+    # ---- the sampler at another length or guidance -------------------------------------------------------
+    def with_length(self, gen_length: int, steps: int | None = None, block_length: int | None = None) -> Sampler:
+        """This sampler at `gen_length` with `steps` (default: one token per step); `block_length` only matters
+        to block samplers (default there: one block)."""
+        if not dataclasses.is_dataclass(self):
+            return self
+        return dataclasses.replace(self, gen_length=int(gen_length), steps=int(steps or gen_length))
+
+    def fitted(self, max_new_tokens: int) -> tuple[Sampler, int]:
+        """(sampler, canvas length G) for an answer of `max_new_tokens`, keeping r = steps / gen_length tokens per
+        step: G = max_new_tokens, steps = ceil(G r) (block samplers round G to whole blocks)."""
+        if max_new_tokens <= 0:
+            raise ConfigError(f"max_gen_toks must be positive, got {max_new_tokens}")
+        if not dataclasses.is_dataclass(self):
+            return self, max_new_tokens
+        ratio = self.steps / self.gen_length
+        return self.with_length(max_new_tokens, max(1, math.ceil(max_new_tokens * ratio))), max_new_tokens
+
+    def with_guidance(self, cfg_scale: float) -> Sampler:
+        """This sampler with guidance `cfg_scale` (unchanged when the policy has no guidance)."""
+        return self
 
     @abstractmethod
     def generate(self, model: DiffusionLM, prompt: Tensor, prompt_mask: Tensor | None = None, *,
@@ -95,6 +161,21 @@ def decode_answer(tokenizer, ids: list[int], eos_id: int) -> str:
     if eos_id in ids:
         ids = ids[: ids.index(eos_id)]
     return tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def guided_logits(model: DiffusionLM, x: Tensor, attn: Tensor, prompt_len: int, cfg_scale: float = 0.0,
+                  suppress_mask: bool = True) -> Tensor:
+    """Logits of canvas `x`; with `cfg_scale` > 0 LLaDA's classifier-free guidance un + (cfg + 1)(cond - un), the
+    unconditional branch with the prompt (the first `prompt_len` positions) masked, in one doubled batch."""
+    if cfg_scale <= 0:
+        return forward_logits(model, x, attn, suppress_mask=suppress_mask)
+    un = x.clone()
+    un[:, :prompt_len] = model.mask_id
+    cond, uncond = forward_logits(model, torch.cat([x, un]), torch.cat([attn, attn]), suppress_mask=False).chunk(2)
+    guided = uncond + (cfg_scale + 1) * (cond - uncond)
+    if suppress_mask:
+        guided[..., model.mask_id] = -torch.inf
+    return guided
 
 
 def forward_logits(model: DiffusionLM, x: Tensor, attn: Tensor, suppress_mask: bool = True) -> Tensor:

@@ -29,7 +29,6 @@ from fair_calib.decoding.base import (
     Sampler,
     check_numerics,
     check_temperature,
-    forward_logits,
 )
 from fair_calib.decoding.trace import CommitTrace
 from fair_calib.models.dllm import DiffusionLM
@@ -97,6 +96,28 @@ class DreamSampler(Sampler):
         if self.steps <= 0 or self.gen_length <= 0:
             raise DecodingConfigError("gen_length and steps must be positive")
 
+    @property
+    def suppress_mask(self) -> bool:
+        return self.numerics != "official"
+
+    @property
+    def model_independent(self) -> bool:
+        return self.alg == "origin"
+
+    def rank_confidence(self, logits: Tensor) -> Tensor:
+        """`alg`'s score of the greedy token on softmax(filter(logits / temperature)): maskgit_plus (and origin's
+        tokens) top-1 probability, topk_margin top1 - top2, entropy sum_v p_v log(p_v + 1e-10)."""
+        if self.temperature > 0:
+            logits = logits / self.temperature
+        logits = filter_logits(logits, self.top_p, self.top_k)
+        probs = torch.softmax(logits if self.numerics == "official" else logits.float(), dim=-1)
+        if self.alg == "topk_margin":
+            top2 = probs.topk(2, dim=-1).values
+            return top2[..., 0] - top2[..., 1]
+        if self.alg == "entropy":
+            return (probs * torch.log(probs + 1e-10)).sum(-1)
+        return probs.max(-1).values
+
     @torch.no_grad()
     def generate(self, model: DiffusionLM, prompt: Tensor, prompt_mask: Tensor | None = None, *,
                  record_trace: bool = False, generator: torch.Generator | None = None,
@@ -113,7 +134,7 @@ class DreamSampler(Sampler):
             mask_index = x == model.mask_id
             if not mask_index.any():
                 break
-            logits = forward_logits(model, x, attn, suppress_mask=not official)
+            logits = self.step_logits(model, x, attn, p)
             t, s = timesteps[i], timesteps[i + 1]
             transfer = torch.zeros_like(mask_index)
             full_conf = torch.full(x.shape, -torch.inf, device=x.device, dtype=logits.dtype if official else None)

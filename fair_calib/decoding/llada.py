@@ -19,6 +19,8 @@ both the same gives the same numbers). Fast-dLLM (`threshold`) keeps the mask su
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass
 
 import torch
@@ -30,7 +32,6 @@ from fair_calib.decoding.base import (
     Sampler,
     check_numerics,
     check_temperature,
-    forward_logits,
 )
 from fair_calib.decoding.trace import CommitTrace
 from fair_calib.models.dllm import DiffusionLM
@@ -92,17 +93,43 @@ class LLaDASampler(Sampler):
         """The official sampler leaves the mask token's logit in the softmax; ours (and Fast-dLLM) remove it."""
         return self.numerics == "exact" or self.threshold is not None
 
-    def _logits(self, model: DiffusionLM, x: Tensor, attn: Tensor, prompt_len: int) -> Tensor:
-        if self.cfg_scale <= 0:
-            return forward_logits(model, x, attn, suppress_mask=self.suppress_mask)
-        un = x.clone()
-        un[:, :prompt_len] = model.mask_id  # unconditional branch: the prompt masked
-        both = forward_logits(model, torch.cat([x, un]), torch.cat([attn, attn]), suppress_mask=False)
-        cond, uncond = both.chunk(2)
-        guided = uncond + (self.cfg_scale + 1) * (cond - uncond)
-        if self.suppress_mask:
-            guided[..., model.mask_id] = -torch.inf
-        return guided
+    @property
+    def model_independent(self) -> bool:
+        return self.remasking == "random"
+
+    def rank_confidence(self, logits: Tensor) -> Tensor:
+        """The greedy token's softmax probability (float32 under official numerics, float64 otherwise)."""
+        return torch.softmax(logits.float() if self.numerics == "official" else logits.double(), dim=-1).max(-1).values
+
+    def eligible(self, masked: Tensor) -> Tensor:
+        """Masked positions inside the current block: the one holding the row's first masked position (blocks
+        complete in order)."""
+        g = masked.shape[1]
+        pos = torch.arange(g, device=masked.device)
+        first = torch.where(masked, pos, torch.full_like(pos, g)).min(-1).values
+        block_end = (first // self.block_length + 1) * self.block_length
+        return masked & (pos[None, :] < block_end[:, None])
+
+    def with_length(self, gen_length: int, steps: int | None = None, block_length: int | None = None) -> LLaDASampler:
+        g = int(gen_length)
+        return dataclasses.replace(self, gen_length=g, steps=int(steps or g), block_length=int(block_length or g))
+
+    def fitted(self, max_new_tokens: int) -> tuple[LLaDASampler, int]:
+        """Block b = min(block_length, max_new_tokens); canvas G = max_new_tokens rounded up to a multiple of b;
+        steps = ceil(G r) rounded up to a multiple of the G / b blocks. E.g. the default llada config (64 / 64 /
+        32) gives G = steps = block = 8 for addition and 32 for word problems, and G 256 / block 32 / steps 256
+        for a 256-token task."""
+        if max_new_tokens <= 0:
+            raise DecodingConfigError(f"max_gen_toks must be positive, got {max_new_tokens}")
+        ratio = self.steps / self.gen_length
+        b = min(self.block_length, max_new_tokens)
+        g = math.ceil(max_new_tokens / b) * b
+        n_blocks = g // b
+        steps = math.ceil(math.ceil(g * ratio) / n_blocks) * n_blocks
+        return self.with_length(g, steps, b), g
+
+    def with_guidance(self, cfg_scale: float) -> LLaDASampler:
+        return dataclasses.replace(self, cfg_scale=float(cfg_scale))
 
     def _confidence(self, logits: Tensor, x0: Tensor, generator: torch.Generator | None) -> Tensor:
         """(B, N) confidence of each position's sampled token: its probability, or a uniform draw (`random`)."""
@@ -134,7 +161,7 @@ class LLaDASampler(Sampler):
                 if self.threshold is None and step >= steps_per_block:
                     break
                 mask_index = x == model.mask_id
-                logits = self._logits(model, x, attn, p)
+                logits = self.step_logits(model, x, attn, p)
                 x0 = add_gumbel_noise(logits, self.temperature, generator).argmax(-1)
                 x0_p = self._confidence(logits, x0, generator)
                 x0_p[:, hi:] = -torch.inf

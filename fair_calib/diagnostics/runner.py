@@ -38,7 +38,7 @@ from fair_calib.diagnostics.hidden_mse import (
 from fair_calib.diagnostics.lag import concat, lag_histogram, lag_summary, trace_lags
 from fair_calib.diagnostics.mismatch import PostCommit, teacher_token_mismatch, trace_post_commit
 from fair_calib.diagnostics.plots import plot_lag_histograms, plot_step_curves
-from fair_calib.diagnostics.policy import policy_logits, select_commits, uses_guidance
+from fair_calib.diagnostics.policy import policy_logits, select_commits
 from fair_calib.diagnostics.prob_mse import prob_mse
 from fair_calib.diagnostics.trajectory import Trajectory, encode_prompts, rollout, teacher_trajectory
 from fair_calib.models.dllm import DiffusionLM
@@ -293,7 +293,7 @@ def run_diagnostics(fp_model: DiffusionLM, q_model: DiffusionLM, prompts: list[s
     own: Trajectory | None = None
     own_curve: StepCurve | None = None
     if metrics_set & NEEDS_Q_ROLLOUT:
-        probe = OwnStateProbe(q_model, fp_model) if "prob_mse" in metrics_set and not uses_guidance(sampler) else None
+        probe = OwnStateProbe(q_model, fp_model) if "prob_mse" in metrics_set and not sampler.uses_guidance else None
         own = rollout(probe or q_model, prompt_ids, sampler, seed=seed, gen_length=gen_length, batch_size=batch_size,
                       desc="quantized", before_batch=probe.reset if probe is not None else None)
         if probe is not None:

@@ -20,6 +20,7 @@ and their token ids); a second call with the same key loads it without probing.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
@@ -117,7 +118,8 @@ class FairPrior:
 
     def _sampler_config(self, sampler: dict[str, Any] | None, gen_length: int | None,
                         steps: int | None) -> dict[str, Any]:
-        """The decoding config the probe runs: knobs > the sampler dict > defaults (G = K, steps = G, one block)."""
+        """The decoding config the probe runs: knobs > the sampler dict > defaults (G = K, steps = G, one block);
+        built here, so a bad one fails before any weights load, and stored with every field the sampler has."""
         cfg = dict(sampler) if sampler else {"name": "llada", "remasking": "random"}
         if "name" not in cfg:
             raise ConfigError("prior.sampler needs a 'name' (a decoding key such as llada or dream)")
@@ -125,11 +127,14 @@ class FairPrior:
         if g < self.window:
             raise ConfigError(f"prior.gen_length {g} is shorter than prior.window {self.window}; "
                               f"set prior.gen_length >= prior.window")
-        cfg["gen_length"] = g
-        cfg["steps"] = int(steps or cfg.get("steps") or g)
-        if cfg["name"] == "llada":
-            cfg.setdefault("block_length", g)
-        return cfg
+        steps = int(steps or cfg.get("steps") or g)
+        try:
+            lengths = ("gen_length", "steps", "block_length")  # set together below, where they fit each other
+            built = build("decoding", {k: v for k, v in cfg.items() if k not in lengths})
+            built = built.with_length(g, steps, cfg.get("block_length"))  # a dataclass copy: checked again
+        except DecodingConfigError as err:
+            raise ConfigError(f"prior.sampler: {err}") from err
+        return {"name": cfg["name"], **dataclasses.asdict(built)}
 
     def settings(self) -> dict[str, Any]:
         """Everything that changes the maps (goes into the cache key and into the saved prior)."""
