@@ -213,6 +213,10 @@ class Pipeline:
         if getattr(self.weighting, "needs_prior", True) and self.prior_probe is None:
             raise ConfigError(f"weighting={self.cfg.weighting.name} reweights tokens by the Stage I prior but "
                               "prior=none; set prior=fair (or method=fair_calib), or weighting=uniform")
+        if getattr(self.weighting, "needs_teacher", False) and not self.quantizer.uses_token_weights:
+            raise ConfigError(f"weighting={self.cfg.weighting.name} weights the calibration tokens but "
+                              f"quantizer={self.cfg.quantizer.name} takes no token weights; use a quantizer that "
+                              "does (method=gptq, awq, flatquant or quarot), or weighting=uniform")
         family = str(getattr(self.model_spec, "model_type", "")).lower()
         sampler = str(self.cfg.decoding.name)
         if family in FAMILY_DEFAULTS and sampler in FAMILY_DEFAULTS and sampler != family:
@@ -375,8 +379,8 @@ class Pipeline:
             prior = self._timed("prior_s", self.prior_probe.estimate, fp, calib.prompts,
                                 out_dir=self.run_dir / "prior", weights_hash=self.fp_hash)
         token_weights = None
-        if calib is not None:
-            token_weights = self.weighting.token_weights(calib.answer_offset, calib.attention_mask, prior)
+        if calib is not None:  # the teacher is the FP model (weighting=certainty runs it on the calibration inputs)
+            token_weights = self._timed("weighting_s", self.weighting.calibration_weights, calib, prior, fp)
         if prior is not None:  # F, R and the final per-position weights of this run, side by side
             files = prior.save(self.run_dir / "prior", weights=self.weighting.position_weights(prior))
             self.logger.log_image("prior/weights", files["png"])
@@ -391,6 +395,8 @@ class Pipeline:
         is_fp = cfg.quantizer.name == "fp"
         qmodel = fp if is_fp else copy.deepcopy(fp)
         report = self._timed("quantize_s", self.quantizer.quantize, qmodel, calib, token_weights)
+        if token_weights is not None and (figures := self.weighting.summary(calib, token_weights)):
+            report = {**(report or {}), **figures}  # certainty: mean weight on masked / unmasked tokens
 
         diag = None
         if self._runs_diagnostics:

@@ -187,6 +187,7 @@ class AWQ(LayerwiseMethod):
 
     name = "awq"
     default_propagate = "fp"  # the reference feeds the next block with FP outputs
+    uses_token_weights = True
 
     def __init__(self, n_grid: int = 20, scale_min: float = 1e-4, clip: bool = True, clip_grid: int = 20,
                  max_shrink: float = 0.5, clip_tokens: int = 512, clip_oc_batch: int = 256,

@@ -88,6 +88,7 @@ class Quantizer(ABC):
     """Turns a full-precision model into a (fake-)quantized one, in place."""
 
     requires_calibration: bool = False
+    uses_token_weights: bool = False  # True: per-token weights change the result (weighted Hessian / losses)
 
     def __init__(self, **bits: Any) -> None:
         self.bits = BitSettings(**bits)

@@ -301,6 +301,7 @@ class GPTQ(LayerwiseMethod):
 
     name = "gptq"
     default_propagate = "weights"
+    uses_token_weights = True
 
     def __init__(self, reference: str | None = None, blocksize: int = 128, percdamp: float = 0.01,
                  act_order: bool | None = None, static_groups: bool | None = None,

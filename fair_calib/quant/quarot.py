@@ -58,6 +58,7 @@ class QuaRot(GPTQ):
         self.rotation_seed = int(rotation_seed)
         self.o_hadamard = o_hadamard
         self.requires_calibration = weight_method == "gptq" and self.bits.w_bits < 16
+        self.uses_token_weights = self.requires_calibration  # GPTQ weights: weighted Hessian; RTN: no data
         self._rotation: dict[str, Any] = {}
 
     @property

@@ -14,12 +14,17 @@ token still contributes; padding gets 0.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from fair_calib.prior.position_prior import PositionPrior
 from fair_calib.registry import ConfigError, register
+
+if TYPE_CHECKING:
+    from fair_calib.data.calibration import CalibrationSet
+    from fair_calib.models.dllm import DiffusionLM
 
 
 @dataclass
@@ -47,10 +52,16 @@ class PositionWeight:
 
 
 class Weighting:
-    """Base: subclasses define `mix(prior)` -> unnormalized (K,) window weights."""
+    """Base: subclasses define `mix(prior)` -> unnormalized (K,) window weights.
+
+    The pipeline asks `calibration_weights(calib, prior, teacher)`; the prior-based weightings read only the
+    answer offsets and padding of the calibration set, a weighting with `needs_teacher` also runs the FP teacher
+    on its inputs (and then only makes sense with a quantizer that takes per-token weights).
+    """
 
     name = "base"
     needs_prior = True
+    needs_teacher = False
 
     def __init__(self, floor: float = 0.05) -> None:
         if floor < 0:
@@ -86,6 +97,15 @@ class Weighting:
         if attention_mask is not None:
             w = w * (attention_mask.to(w.device) != 0).float()
         return w
+
+    def calibration_weights(self, calib: CalibrationSet, prior: PositionPrior | None,
+                            teacher: DiffusionLM | None = None) -> Tensor:
+        """(N, L) weights of the calibration set, what the quantizer receives; here `token_weights` of its offsets."""
+        return self.token_weights(calib.answer_offset, calib.attention_mask, prior)
+
+    def summary(self, calib: CalibrationSet, weights: Tensor) -> dict[str, float]:
+        """Figures of the weights for the run's report; none for the prior-based weightings (their prior is saved)."""
+        return {}
 
 
 @register("weighting", "uniform")
