@@ -102,3 +102,14 @@ def test_registry_and_config_checks():
         Fair(alpha=0.0, beta=0.0)
     with pytest.raises(ConfigError):
         Frontier(floor=-0.1)
+
+
+@pytest.mark.parametrize("weighting", [Uniform(), Frontier(), Reliability(), Fair(alpha=0.3, beta=2.0)])
+def test_calibration_weights_of_prior_weightings_are_their_token_weights(weighting):
+    """The pipeline's call (calib, prior, teacher) gives the prior-based weightings' numbers unchanged, no teacher."""
+    from fair_calib.data.calibration import CalibrationSet
+
+    calib = CalibrationSet(torch.zeros(2, 8, dtype=torch.long), MASK, OFFSETS, ["a", "b"])
+    w = weighting.calibration_weights(calib, PRIOR, teacher=None)
+    assert torch.equal(w, weighting.token_weights(OFFSETS, MASK, PRIOR))
+    assert not weighting.needs_teacher and weighting.summary(calib, w) == {}

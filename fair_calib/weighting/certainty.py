@@ -7,7 +7,7 @@ confidence in its prediction there:
 
 so token i enters the Hessian with weight
 
-    w_i = m_i^2 = (lambda * 1[x_i = MASK] + sqrt(c_i))^2                                   (CGQ, H = sum_i w_i x_i x_i^T)
+    w_i = m_i^2 = (lambda * 1[x_i = MASK] + sqrt(c_i))^2            (CGQ; then H = sum_i w_i x_i x_i^T)
 
 with c_i the teacher's top-1 probability at position i on the calibration input (softmax in fp32, the mask
 token excluded as the samplers exclude it) and lambda the weight of the mask indicator (`mask_weight`).
