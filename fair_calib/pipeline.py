@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from fair_calib import CONF_DIR, VOLATILE_KEYS, stats
 from fair_calib.benchmark.families import FAMILY_DEFAULTS
 from fair_calib.benchmark.scores import task_scores
+from fair_calib.data.masking import hashed_data_config, masking_spec
 from fair_calib.errors import Interrupted
 from fair_calib.models.hf_folder import resolve_device
 from fair_calib.models.validate import check_run_values, read_config
@@ -112,6 +113,8 @@ def run_key(plain: dict[str, Any], ignore: frozenset[str] = frozenset()) -> str:
     """Hash of a resolved config without the keys that do not change results (caches, threads, logging),
     nor the keys named in `ignore` at any depth (the report passes {"seed"} to group the seeds of a row)."""
     drop = set(VOLATILE_KEYS) | ignore
+    if isinstance(plain.get("data"), dict):  # masking keys that change nothing (all of them under masking=none)
+        plain = {**plain, "data": hashed_data_config(plain["data"])}
 
     def strip(node: Any) -> Any:
         if isinstance(node, dict):
@@ -164,6 +167,7 @@ class Pipeline:
         self.seed = check_seed(cfg.get("seed"))
         self.eval_seed = check_seed(cfg.get("eval_seed", 0), key="eval_seed")
         check_run_values(self.plain)  # threads, device, boolean switches, data=text's corpus: before any weights
+        self.masking = masking_spec(self.plain.get("data") or {})  # data.masking, mask_copies, mask_eps
         # build (and thereby validate) everything before loading weights
         self.device = resolve_device(str(cfg.device))
         self.model_spec = build("model", cfg.model)
@@ -178,6 +182,7 @@ class Pipeline:
         self.logger = build("logger", cfg.logger)
         self.baselines = {label: (c, build("quantizer", c)) for label, c in self._baseline_configs()}
         self._check_combinations()
+        self.masking.check_sampler(self.model_spec, self.sampler)  # tmas decodes with the teacher
         self.diagnostic_prompts = self._diagnostic_prompts() if self._runs_diagnostics else []
         self.timings: dict[str, float] = {}
         self.scores: dict[str, Scores] = {}  # column -> per-document scores (results.json `scores`)
@@ -378,6 +383,10 @@ class Pipeline:
         if self.prior_probe is not None:
             prior = self._timed("prior_s", self.prior_probe.estimate, fp, calib.prompts,
                                 out_dir=self.run_dir / "prior", weights_hash=self.fp_hash)
+        if calib is not None and self.masking.active:  # masked calibration states: after Stage I, before the weights
+            calib = self._timed("masking_s", self.masking.apply, calib, fp, self.sampler,
+                                cache_dir=cfg.diagnostics.get("cache_dir"), force=bool(cfg.get("force", False)),
+                                weights_hash=self.fp_hash)
         token_weights = None
         if calib is not None:  # the teacher is the FP model (weighting=certainty runs it on the calibration inputs)
             token_weights = self._timed("weighting_s", self.weighting.calibration_weights, calib, prior, fp)

@@ -10,7 +10,8 @@ the weighting turns these offsets into per-token loss weights (DESIGN section 3)
                       (the whole window is "answer": offset = position in the window)
 
 Builders take the tokenizer as a keyword argument at build time:
-`build("data", cfg.data, tokenizer=model.tokenizer)`.
+`build("data", cfg.data, tokenizer=model.tokenizer)`. They return the teacher-forced rows; the `data.masking*`
+keys (checked here too) are applied by `fair_calib.data.masking` once the teacher is loaded, after Stage I.
 """
 
 from __future__ import annotations
@@ -81,6 +82,13 @@ def _check_tokenizer(tokenizer: Any, builder: str) -> None:
         raise ConfigError(f"data={builder} needs the model's tokenizer: call build('data', cfg, tokenizer=tok)")
 
 
+def _check_masking_keys(builder: str, keys: dict[str, Any]) -> None:
+    """The builder's extra keys may only be the masking keys (valid values); they do not change the rows built here."""
+    from fair_calib.data.masking import split_masking_keys  # the masking module builds on CalibrationSet
+
+    split_masking_keys(builder, keys)
+
+
 def _check_count(key: str, value: Any, least: int) -> None:
     """A count from the config (data.n_samples, data.seq_len) is an integer >= `least`."""
     if isinstance(value, bool) or not isinstance(value, int) or value < least:
@@ -126,8 +134,9 @@ def pack_prompt_answer(tokenizer: Any, pairs: Sequence[tuple[str, str]], seq_len
 @register("data", "tinyreason")
 def tinyreason_calibration(tokenizer: Any = None, n_samples: int = 128, tasks: Sequence[str] = TASKS,
                            split: str = "calibration", seed: int = 0, seq_len: int | None = None,
-                           min_eos: int = 1, eos_in_answer: bool = True) -> CalibrationSet:
+                           min_eos: int = 1, eos_in_answer: bool = True, **masking: Any) -> CalibrationSet:
     """The tinyreason calibration split, tasks interleaved round-robin, each row prompt + reference answer + eos."""
+    _check_masking_keys("tinyreason", masking)
     _check_tokenizer(tokenizer, "tinyreason")
     _check_count("n_samples", n_samples, 1)
     if seq_len is not None:
@@ -203,12 +212,13 @@ def read_corpus(path: str | Path, text_field: str = "text", max_chars: int | Non
 @register("data", "text")
 def text_calibration(tokenizer: Any = None, path: str | None = None, n_samples: int = 128, seq_len: int = 2048,
                      seed: int = 0, text_field: str = "text", prompt_len: int = 64,
-                     max_chars: int | None = None) -> CalibrationSet:
+                     max_chars: int | None = None, **masking: Any) -> CalibrationSet:
     """`n_samples` random windows of `seq_len` tokens from a tokenized local corpus (GPTQ-style calibration).
 
     The whole window is answer (offset = position in the window); `prompts` are the decoded first
     `prompt_len` tokens of each window, for the Stage I probe.
     """
+    _check_masking_keys("text", masking)
     _check_tokenizer(tokenizer, "text")
     if path is None:
         raise ConfigError("data=text needs data.path: a local .txt or .jsonl file")
