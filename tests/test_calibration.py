@@ -102,3 +102,49 @@ def test_subset_keeps_rows(char_tokenizer):
     sub = cs.subset([4, 1])
     assert torch.equal(sub.input_ids, cs.input_ids[[4, 1]]) and sub.prompts == [cs.prompts[4], cs.prompts[1]]
     assert len(cs.subset(slice(0, 3))) == 3
+
+
+def _rows(n: int = 3, length: int = 5) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
+    ids = torch.arange(n * length).reshape(n, length)
+    offset = torch.arange(length).expand(n, length) - 2
+    return ids, torch.ones_like(ids), offset.clone(), [f"p{i}" for i in range(n)]
+
+
+def test_masked_must_be_a_bool_tensor_of_the_ids_shape():
+    ids, attn, offset, prompts = _rows()
+    ok = CalibrationSet(ids, attn, offset, prompts, ids % 2 == 0)
+    assert torch.equal(ok.mask_status(), ids % 2 == 0)
+    assert not CalibrationSet(ids, attn, offset, prompts).mask_status().any()  # None = teacher-forced
+    assert CalibrationSet(ids, attn, offset, prompts).mask_status().shape == ids.shape
+    with pytest.raises(ValueError, match="masked must be a bool tensor of shape \\(3, 5\\), got torch.int64"):
+        CalibrationSet(ids, attn, offset, prompts, (ids % 2 == 0).long())
+    with pytest.raises(ValueError, match="masked must be a bool tensor of shape \\(3, 5\\).*\\(3, 4\\)"):
+        CalibrationSet(ids, attn, offset, prompts, torch.zeros(3, 4, dtype=torch.bool))
+
+
+def test_subset_keeps_the_mask_status_of_its_rows():
+    ids, attn, offset, prompts = _rows(4)
+    masked = torch.zeros(ids.shape, dtype=torch.bool)
+    masked[1, 3] = masked[3, 2] = True
+    cs = CalibrationSet(ids, attn, offset, prompts, masked)
+    sub = cs.subset([3, 1])
+    assert torch.equal(sub.masked, masked[[3, 1]]) and sub.prompts == ["p3", "p1"]
+    assert torch.equal(sub.input_ids, ids[[3, 1]]) and torch.equal(sub.answer_offset, offset[[3, 1]])
+    assert torch.equal(cs.subset(slice(1, 3)).masked, masked[1:3])
+    assert CalibrationSet(ids, attn, offset, prompts).subset([0]).masked is None
+
+
+def test_builders_take_the_masking_keys_and_refuse_others(char_tokenizer, tmp_path):
+    """The data config carries data.masking*; the builders accept (and check) them and return teacher-forced rows."""
+    keys = {"masking": "mcs", "mask_copies": 2, "mask_eps": 0.01, "tmas_batch_size": 4}
+    plain = build("data", {"name": "tinyreason", "n_samples": 4, "seed": 0}, tokenizer=char_tokenizer)
+    cs = build("data", {"name": "tinyreason", "n_samples": 4, "seed": 0, **keys}, tokenizer=char_tokenizer)
+    assert torch.equal(cs.input_ids, plain.input_ids) and cs.masked is None
+    path = tmp_path / "c.txt"
+    path.write_text("abcdefghij" * 20)
+    assert build("data", {"name": "text", "path": str(path), "n_samples": 2, "seq_len": 8, **keys},
+                 tokenizer=char_tokenizer).masked is None
+    with pytest.raises(ConfigError, match="data=tinyreason: unknown key\\(s\\) mask_rate; the masking keys are"):
+        build("data", {"name": "tinyreason", "mask_rate": 0.5}, tokenizer=char_tokenizer)
+    with pytest.raises(ConfigError, match="data.mask_copies=0"):
+        build("data", {"name": "text", "path": str(path), "mask_copies": 0}, tokenizer=char_tokenizer)
