@@ -143,7 +143,6 @@ def shipped_llada():
 
 
 def test_tmas_rows_are_the_teachers_trajectory_states(shipped_llada, tmp_path, monkeypatch):
-    from fair_calib.benchmark.lm import fit_sampler
     from fair_calib.diagnostics import trajectory
     from fair_calib.diagnostics.trajectory import encode_prompts, rollout
 
@@ -161,7 +160,7 @@ def test_tmas_rows_are_the_teachers_trajectory_states(shipped_llada, tmp_path, m
     traces: dict[int, tuple] = {}
     for g in sorted(set(windows)):
         rows = [r for r, w in enumerate(windows) if w == g]
-        fitted, length = fit_sampler(sampler, g)
+        fitted, length = sampler.fitted(g)
         assert length == g  # block 64 covers every window: the canvas is exactly the row's answer window
         traj = rollout(model, [prompt_ids[r] for r in rows], fitted, seed=seed, gen_length=g, batch_size=batch)
         for i, r in enumerate(rows):

@@ -22,7 +22,7 @@ The prompt is never masked, padding (attention 0) is never masked, and a masked 
            calibrate on states of the FP teacher's own decoding trajectories, drawn across time steps so that
            every mask ratio of the decoding process is represented. The teacher decodes each row's prompt
            with the run's sampler (`decoding=`) fitted to that row's calibration answer window G_n = attended
-           row length - prompt length (`fit_sampler`, the evaluation's rule: tokens per step kept; LLaDA's
+           row length - prompt length (`Sampler.fitted`, the evaluation's rule: tokens per step kept; LLaDA's
            canvas rounded up to a multiple of its block when G_n > block_length). Its `CommitTrace`
            gives the canvas S_t (committed tokens, mask id elsewhere) the model saw when step t started. The
            K = N * mask_copies states take their steps by stratified sampling of the normalized time
@@ -207,13 +207,12 @@ def teacher_canvases(model: Any, prompt_ids: list[list[int]], windows: list[int]
 
     Rows with the same fitted length decode together (one cached trajectory per length, in row order).
     """
-    from fair_calib.benchmark.lm import fit_sampler
     from fair_calib.diagnostics.trajectory import teacher_trajectory
 
     mask_id = mask_id_of(model)
     groups: dict[int, tuple[Any, list[int]]] = {}
     for row, window in enumerate(windows):
-        fitted, g = fit_sampler(sampler, window)
+        fitted, g = sampler.fitted(window)
         groups.setdefault(g, (fitted, []))[1].append(row)
     canvases: list[Tensor | None] = [None] * len(windows)
     for g, (fitted, rows) in groups.items():
