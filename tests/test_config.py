@@ -161,3 +161,28 @@ def test_a_model_config_selects_its_family_sampler(model: str) -> None:
 
     cfg = compose_cfg(f"model={model}", "experiment=none")
     assert cfg.decoding.name == FAMILY_DEFAULTS[cfg.model.family].decoding
+
+
+@pytest.mark.parametrize("method,quantizer,prior,weighting,masking", [
+    ("flatquant_mcs", "flatquant", "none", "uniform", "mcs"),
+    ("fair_calib_mcs", "flatquant", "fair", "fair", "mcs"),
+    ("gptq_cgq", "gptq", "none", "certainty", "none"),
+    ("gptq_tmas", "gptq", "none", "uniform", "tmas"),
+])
+def test_rival_presets_combine_the_plug_ins(method, quantizer, prior, weighting, masking) -> None:
+    cfg = compose_cfg(f"method={method}", "experiment=none")
+    assert (cfg.quantizer.name, cfg.prior.name, cfg.weighting.name, cfg.data.masking) == \
+        (quantizer, prior, weighting, masking)
+
+
+def test_dllm_rivals_sweeps_every_rival_at_w4a4() -> None:
+    from omegaconf import OmegaConf
+
+    methods = OmegaConf.load(CONF / "experiment" / "dllm_rivals.yaml").hydra.sweeper.params.method.split(",")
+    cfg = compose_cfg("experiment=dllm_rivals")
+    assert set(methods) == {"flatquant", "fair_calib", "flatquant_mcs", "fair_calib_mcs", "gptq", "gptq_cgq",
+                            "gptq_tmas", "quarot", "duquant"}
+    assert (cfg.quantizer.w_bits, cfg.quantizer.a_bits) == (4, 4)
+    for m in methods:
+        if m != "duquant":  # its preset arrives with the quantizer
+            compose_cfg("experiment=dllm_rivals", f"method={m}")
