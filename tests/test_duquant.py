@@ -217,3 +217,20 @@ def test_registry_defaults_match_the_reference() -> None:
     b = q.bits
     assert (b.w_symmetric, b.a_symmetric, b.a_clip_ratio, b.w_clip_ratio) == (False, False, 0.9, 1.0)
     assert (q.alpha, q.rotation_steps, q.block_size, q.engine.propagate) == (0.6, 256, "auto", "fp")
+
+
+@pytest.mark.parametrize("overrides", [("method=duquant", "experiment=none"),
+                                       ("experiment=dllm_rivals", "method=duquant")])
+def test_config_composes_and_builds(overrides: tuple[str, ...]) -> None:
+    """conf/method/duquant.yaml picks conf/quantizer/duquant.yaml; the rivals sweep keeps W4A4 and the DuQuant grid."""
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        cfg = compose("config", overrides=list(overrides))
+    assert cfg.method.label == "DuQuant" and cfg.quantizer.name == "duquant"
+    q = build("quantizer", OmegaConf.to_container(cfg.quantizer, resolve=True))
+    assert isinstance(q, DuQuant) and q.label == "W4A4" and (q.bits.a_symmetric, q.bits.a_clip_ratio) == (False, 0.9)
