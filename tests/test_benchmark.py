@@ -165,6 +165,9 @@ def test_config_errors_and_pipeline_hooks():
         TinyBenchmark(n={"compare": SHIPPED_N + 1})
     bench = TinyBenchmark()
     assert bench.n == {"addition": 200, "word_problems": 100, "compare": 200}
+    assert TinyBenchmark(n=4).n == {"addition": 4, "word_problems": 4, "compare": 4}  # benchmark.n=4: every task
+    with pytest.raises(ConfigError, match="give a count for every task"):
+        TinyBenchmark(n=[4, 4])
     assert bench.diagnostic_prompts(2) == [r["prompt"] for r in read_rows("word_problems")[:2]]
     bench.validate_sampler(LLaDASampler())  # default decoding config fits both generation lengths
 

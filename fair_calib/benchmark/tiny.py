@@ -113,7 +113,7 @@ def sample_record(sample: Mapping[str, Any]) -> dict[str, Any]:
 class TinyBenchmark:
     """tinyreason addition / word_problems / compare through lm-eval; `evaluate` returns {task: {metric: value}}."""
 
-    def __init__(self, tasks: list[str] | tuple[str, ...] = TASKS, n: Mapping[str, int] | None = None,
+    def __init__(self, tasks: list[str] | tuple[str, ...] = TASKS, n: Mapping[str, int] | int | None = None,
                  gen_length: Mapping[str, int] | None = None, mc_num: int = 16, mc_batch_size: int = 16,
                  batch_size: int = 64, bootstrap_iters: int = 0, diagnostic_task: str = "word_problems",
                  max_length: int = 4096, show_progress: bool = True, likelihood: bool = True,
@@ -123,6 +123,11 @@ class TinyBenchmark:
         if unknown or not tasks:
             raise ConfigError(f"benchmark.tasks {list(tasks)}: valid tinyreason tasks are {', '.join(TASKS)}")
         self.tasks = list(tasks)
+        if isinstance(n, int) and not isinstance(n, bool):  # benchmark.n=100: the same count for every task
+            n = {t: n for t in TASKS}
+        if n is not None and not isinstance(n, Mapping):
+            raise ConfigError(f"benchmark.n={n!r}: give a count for every task (benchmark.n=100) or per task "
+                              "(\"benchmark.n={addition:200,word_problems:100,compare:200}\")")
         self.n = {**DEFAULT_N, **dict(n or {})}
         self.gen_length = {**DEFAULT_GEN_LENGTH, **dict(gen_length or {})}
         for task in self.tasks:
