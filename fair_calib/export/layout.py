@@ -21,10 +21,11 @@ from torch import nn
 
 from fair_calib.errors import ConfigError
 from fair_calib.models.block import LINEAR_ROLES, TAP_POINTS
-from fair_calib.quant.flat_block import FlatActTap, FlatLinear, FrozenKron, LiveOp
+from fair_calib.quant.flat_block import FlatActTap, FlatLinear
 from fair_calib.quant.hadamard import hadamard_factor
 from fair_calib.quant.qlinear import ActQuantizer, QLinear
 from fair_calib.quant.rotation import CrossHeadHadamard, OnlineHadamard
+from fair_calib.quant.transforms import FrozenKron, LiveOp
 
 PACKABLE_BITS = (2, 4, 8)  # 32 / bits codes per int32 word, no code straddles two words
 MAX_ACT_BITS = 8
@@ -49,7 +50,7 @@ def describe_linear(q: nn.Module, where: str) -> dict[str, Any]:
         raise ExportError(f"{where}: its quantizers are switched off (set_quant_enabled(model, True) first)")
     if q.input_transform is not None:
         raise ExportError(f"{where}: an input_transform on the linear is not exportable; put online ops in the taps")
-    if isinstance(q, FlatLinear) and q.transform is not None:
+    if isinstance(q, FlatLinear) and not q.merged:
         raise ExportError(f"{where}: FlatQuant transform not merged; finalize the block before export")
     w, a = q.w_spec, q.a_spec
     if not w.enabled:

@@ -12,7 +12,7 @@ Every op calls a dispatcher of ``fair_calib.kernels`` (Triton on CUDA, the PyTor
 
 Clipping pairs ``(lo, hi)`` (ratios after the sigmoid) that differ: symmetric grids pass the per-token ratio
 ``max(lo |min(x, 0)|, hi max(x, 0)) / max|x|`` to the kernel; asymmetric grids with two ratios have no kernel
-form and use the reference formulas of ``fair_calib.quant.grids``.
+form and use the clipping-pair grid of ``fair_calib.quant.grids``.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from fair_calib.kernels import (
     w4a4_gemm,
 )
 from fair_calib.models.block import LINEAR_ROLES, TAP_POINTS
-from fair_calib.quant.grids import asym_scale_zero, quantize_asym
+from fair_calib.quant.grids import asym_scale_zero, clip_pair_range, quantize_asym
 from fair_calib.quant.hadamard import hadamard_matrix
 
 
@@ -68,9 +68,7 @@ def _pair_or_ratio(clip: float | Tensor) -> float | Tensor | tuple[Tensor, Tenso
 def _pair_rows_ref(x: Tensor, bits: int, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Asymmetric grid with two ratios (FlatQuant): float codes, scale (..., 1), zero (..., 1)."""
     xf = x.float()
-    xmin = xf.amin(dim=-1, keepdim=True).clamp(max=0) * lo
-    xmax = xf.amax(dim=-1, keepdim=True).clamp(min=0) * hi
-    s, z = asym_scale_zero(xmin, xmax, bits)
+    s, z = asym_scale_zero(*clip_pair_range(xf, lo, hi), bits)
     return quantize_asym(xf, s, z, bits), s, z
 
 
@@ -78,8 +76,8 @@ def _per_token_ratio(x: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
     """Symmetric grid with two ratios as one ratio per token: ``max(lo |min(x,0)|, hi max(x,0)) / max|x|``."""
     xf = x.float()
     absmax = xf.abs().amax(dim=-1, keepdim=True)
-    clipped = torch.maximum(xf.amin(dim=-1, keepdim=True).clamp(max=0).abs() * lo,
-                            xf.amax(dim=-1, keepdim=True).clamp(min=0) * hi)
+    xmin, xmax = clip_pair_range(xf, lo, hi)
+    clipped = torch.maximum(xmin.abs(), xmax)
     return torch.where(absmax > 0, clipped / absmax.clamp(min=1e-30), torch.ones_like(absmax))
 
 

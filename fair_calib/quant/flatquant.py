@@ -35,8 +35,7 @@ from tqdm.auto import tqdm
 from fair_calib.models.block import DLLMBlock
 from fair_calib.models.dllm import DiffusionLM
 from fair_calib.quant.engine import Batch, BlockContext, Collector, LayerwiseMethod, check_group_size
-from fair_calib.quant.flat_block import SCALED_TAPS, FlatBlock, FlatBlockSpec, block_act_absmax, weighted_token_mse
-from fair_calib.quant.grids import QuantSpec
+from fair_calib.quant.flat_block import SCALED_TAPS, FlatBlock, FlatBlockSpec, weighted_token_mse
 from fair_calib.registry import ConfigError, register
 
 log = logging.getLogger(__name__)
@@ -166,23 +165,6 @@ def block_mse(block: nn.Module, batches: Iterator[Batch], rope: tuple[Tensor, Te
     return num / den if den > 0 else 0.0
 
 
-def tensor_batches(inputs: Tensor, targets: Tensor, weights: Tensor, attn_bias: Tensor | None, batch_size: int,
-                   device: torch.device) -> BatchSource:
-    """A :data:`BatchSource` over in-memory tensors (the engine-free path of :func:`calibrate_block`)."""
-    n = inputs.shape[0]
-
-    def source(shuffle: bool = False, generator: torch.Generator | None = None) -> Iterator[Batch]:
-        order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
-        for start in range(0, n, batch_size):
-            rows = order[start:start + batch_size]
-            bias = None if attn_bias is None else (attn_bias[rows] if attn_bias.shape[0] == n else attn_bias)
-            w = weights[rows].to(device)
-            yield Batch(rows, inputs[rows].to(device), None if bias is None else bias.to(device), w,
-                        (w != 0).long(), targets[rows].to(device))
-
-    return source
-
-
 def _n_batches(n: int, batch_size: int) -> int:
     return (n + batch_size - 1) // batch_size
 
@@ -206,38 +188,6 @@ def run_flat_block(block: DLLMBlock, spec: FlatBlockSpec, s: FlatQuantSettings, 
     log.info("%s: weighted block MSE at init %.4g, last epoch %s", name, init, epochs[-1] if epochs else "-")
     return {"mse_weighted_init": init, "mse_weighted_epochs": epochs, "train_time_s": time.perf_counter() - t0,
             "train_dtype": str(train_dtype(s.amp, device)).removeprefix("torch.")}
-
-
-def calibrate_block(block: DLLMBlock, fp_inputs: Tensor, fp_outputs: Tensor | None, token_weights: Tensor | None,
-                    rope: tuple[Tensor, Tensor], attn_bias: Tensor | None, settings: FlatQuantSettings,
-                    spec: FlatBlockSpec | None = None, name: str = "block", index: int = 0,
-                    act_absmax: dict[str, Tensor] | None = None, freeze: bool = True) -> dict[str, Any]:
-    """Calibrate one block in place without the engine (FlatQuant's per-block training); returns its report.
-
-    ``fp_inputs`` (N, L, d) go to both the FP and the quantized block; ``fp_outputs`` are the FP block outputs
-    (computed here when None); ``token_weights`` (N, L) the per-position loss weights (None: 1 on non-padding
-    tokens); ``attn_bias`` the additive key-padding bias (N, 1, 1, L) or None. ``freeze=False`` merges the
-    transforms but keeps the weights unquantized (for the debug invariant). ``spec`` defaults to W4A4 (KV16).
-    The report adds ``mse_weighted``, the weighted MSE of the finished block.
-    """
-    spec = spec or FlatBlockSpec(QuantSpec(4), QuantSpec(4), QuantSpec(16))
-    n, length = fp_inputs.shape[:2]
-    device = block.role("q").weight.device
-    valid = None if attn_bias is None else (attn_bias.reshape(attn_bias.shape[0], -1)[:, -length:] == 0)
-    if token_weights is None:
-        token_weights = torch.ones(n, length) if valid is None else valid.expand(n, length).float().cpu()
-    weights = token_weights.float()
-    inputs = fp_inputs.float()
-    if act_absmax is None or fp_outputs is None:
-        block.float()
-        stats, outs = block_act_absmax(block, inputs, rope, attn_bias, weights > 0, settings.batch_size)
-        act_absmax = stats if act_absmax is None else act_absmax
-        fp_outputs = outs if fp_outputs is None else fp_outputs
-    batches = tensor_batches(inputs, fp_outputs.float(), weights, attn_bias, settings.batch_size, device)
-    report = run_flat_block(block, spec, settings, batches, _n_batches(n, settings.batch_size), rope, act_absmax,
-                            name, index, freeze)
-    report["mse_weighted"] = block_mse(block, batches(False, None), (rope[0].float(), rope[1].float()))
-    return {"block": name, **report}
 
 
 # ---- the quantizer ----------------------------------------------------------------------------------------------
@@ -304,5 +254,4 @@ class FlatQuant(LayerwiseMethod):
         return {"settings": asdict(self.settings), "o_factors": self.spec.o_factors, "init": self.spec.init}
 
 
-__all__ = ["FlatQuant", "FlatQuantSettings", "calibrate_block", "run_flat_block", "train_flat_block", "block_mse",
-           "tensor_batches"]
+__all__ = ["FlatQuant", "FlatQuantSettings", "run_flat_block", "train_flat_block", "block_mse"]

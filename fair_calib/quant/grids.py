@@ -5,6 +5,8 @@ Symmetric INT-b:   q = clamp(round(x / s), -2^(b-1), 2^(b-1) - 1),  x_hat = s * 
     scale convention "halfstep": s = 2 * clip * absmax / (2^b - 1)           (IST-GPTQ, compressed-tensors)
 Asymmetric INT-b:  s = clip * (max - min) / (2^b - 1), z = round(-min / s),
                    q = clamp(round(x / s) + z, 0, 2^b - 1),  x_hat = s * (q - z)
+Clipping pair (FlatQuant): the row range is [min(min x, 0) * lo, max(max x, 0) * hi] with two ratios
+    (lo, hi) = (sigmoid(logit_lo), sigmoid(logit_hi)); symmetric grids use absmax = max(|x_min|, x_max).
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from fair_calib.errors import ConfigError
 
 SCALE_CONVENTIONS = ("absmax", "halfstep")
 WEIGHT_GRANULARITIES = ("channel", "group", "tensor")
@@ -141,3 +145,58 @@ def quant_dequant(x: Tensor, scale: Tensor, zero: Tensor | None, spec: QuantSpec
     if zero is None:
         return quantize_sym(x, scale, spec.bits) * scale
     return (quantize_asym(x, scale, zero, spec.bits) - zero) * scale
+
+
+# ---- FlatQuant's clipping pair -------------------------------------------------------------------------------
+def clip_pair_range(x: Tensor, lo: Tensor | float, hi: Tensor | float) -> tuple[Tensor, Tensor]:
+    """``(x_min, x_max) = (min(min_j x_j, 0) * lo, max(max_j x_j, 0) * hi)`` per row (last dim), ratios ``lo, hi``."""
+    xmin = x.amin(dim=-1, keepdim=True).clamp(max=0) * lo
+    xmax = x.amax(dim=-1, keepdim=True).clamp(min=0) * hi
+    return xmin, xmax
+
+
+def clip_pair_clamp(w: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
+    """FlatQuant's learnable weight clipping alone (``apply_wclip``): each row clamped to its clipping-pair range
+    with ratios ``sigmoid(lo), sigmoid(hi)``."""
+    wmin, wmax = clip_pair_range(w, torch.sigmoid(lo), torch.sigmoid(hi))
+    return torch.clamp(w, min=wmin, max=wmax)
+
+
+def fake_quant_clip_pair(x: Tensor, spec: QuantSpec, lo: Tensor | None, hi: Tensor | None,
+                         clamp: bool = False) -> Tensor:
+    """Per-row (last dim) quantize-dequantize on the clipping-pair range with ratios ``sigmoid(lo), sigmoid(hi)``
+    (logits ``None``: the fixed ``spec.clip_ratio`` on both sides). ``clamp`` first clips ``x`` to the range
+    (FlatQuant's learnable weight clipping). Rounding is straight-through."""
+    if not spec.enabled:
+        return x
+    if hi is None or lo is None:
+        xmin, xmax = clip_pair_range(x, spec.clip_ratio, spec.clip_ratio)
+    else:
+        xmin, xmax = clip_pair_range(x, torch.sigmoid(lo), torch.sigmoid(hi))
+    if clamp:
+        x = torch.clamp(x, min=xmin, max=xmax)
+    if spec.symmetric:
+        s = sym_scale(torch.maximum(xmin.abs(), xmax), spec.bits, spec.scale_convention)
+        return quantize_sym(x, s, spec.bits) * s
+    s, z = asym_scale_zero(xmin, xmax, spec.bits)
+    return (quantize_asym(x, s, z, spec.bits) - z) * s
+
+
+def fake_quant_weight_clip_pair(w: Tensor, spec: QuantSpec, lo: Tensor | None, hi: Tensor | None) -> Tensor:
+    """Weight (out, in) fake quantization per output channel or per group, with per-channel clipping logits (out, 1)
+    (clamped first, as FlatQuant's weight quantizer does)."""
+    if not spec.enabled:
+        return w
+    if spec.granularity == "channel":
+        return fake_quant_clip_pair(w, spec, lo, hi, clamp=True)
+    if spec.granularity != "group":
+        raise ConfigError(f"flatquant quantizes weights per channel or per group, not w_granularity={spec.granularity}")
+    out_f, in_f = w.shape
+    g = spec.group_size
+    if in_f % g:
+        raise ConfigError(f"group_size {g} does not divide the input size {in_f}; "
+                          "pick a divisor or w_granularity=channel")
+    rep = in_f // g
+    lo_g = None if lo is None else lo.repeat_interleave(rep, dim=0)
+    hi_g = None if hi is None else hi.repeat_interleave(rep, dim=0)
+    return fake_quant_clip_pair(w.reshape(-1, g), spec, lo_g, hi_g, clamp=True).reshape(out_f, in_f)

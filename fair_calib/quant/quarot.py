@@ -21,7 +21,7 @@ from fair_calib.quant.engine import check_group_size
 from fair_calib.quant.gptq import GPTQ
 from fair_calib.quant.grids import QuantSpec
 from fair_calib.quant.qlinear import ActQuantizer, set_quant_enabled, wrap_block_linears
-from fair_calib.quant.rotation import O_MODES, install_online_hadamards, rotate_model
+from fair_calib.quant.rotation import O_MODES, rotate_model
 from fair_calib.registry import ConfigError, register
 
 WEIGHT_METHODS = ("gptq", "rtn")
@@ -86,17 +86,6 @@ class QuaRot(GPTQ):
 
     def finalize(self, model: DiffusionLM) -> dict[str, Any]:
         return {"rotation": self._rotation, "weight_method": self.weight_method}
-
-    def install_runtime(self, model: DiffusionLM, rotation: dict[str, Any]) -> None:
-        """Re-create the online parts on a model whose weights are already QuaRot-quantized (e.g. loaded back from
-        safetensors): online Hadamards, QLinear wrappers with frozen weights, K/V quantizers. Weights untouched."""
-        cfg = model.config
-        for block in model.blocks:
-            install_online_hadamards(block, cfg, str(rotation["o_hadamard"]), bool(rotation["qk_hadamard"]))
-        for q in wrap_block_linears(model, self.bits.weight_spec(), self.bits.act_spec()):
-            q.weight_frozen = True
-        install_quarot_kv_quantizers(model, self.bits.kv_spec())
-        set_quant_enabled(model, True)
 
     def quantize(self, model: DiffusionLM, calib: Any = None, token_weights: Tensor | None = None) -> dict[str, Any]:
         if self.requires_calibration:
