@@ -1,4 +1,4 @@
-"""Tests for fair_calib.quant.transforms (FlatQuant Kronecker / Cayley / SVD-style transforms)."""
+"""Tests for fair_calib.quant.transforms (FlatQuant Kronecker / Cayley / SVD-style transforms and their bundle)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,11 @@ from fair_calib.quant.transforms import (
     DecomposedFactor,
     HeadTransform,
     KroneckerTransform,
+    LiveOp,
+    TransformBundle,
+    kron_apply,
     kronecker_factors,
+    per_head_apply,
 )
 
 
@@ -111,28 +115,61 @@ def test_decomposed_factor_identity_and_inverse() -> None:
     assert (f.inverse() @ f.matrix() - torch.eye(16)).abs().max().item() < 1e-5
 
 
+def _full(t: KroneckerTransform) -> torch.Tensor:
+    """``M = diag(d) (P1 (x) P2)`` (n x n, float64), the matrix the Kronecker product never materializes."""
+    m = torch.kron(t.left.matrix(torch.float64), t.right.matrix(torch.float64))
+    return m if t.diag_scale is None else m * t.diag_scale.detach().double()[:, None]
+
+
+def _bundle(**transforms: KroneckerTransform | HeadTransform) -> TransformBundle:
+    b = TransformBundle(dict(transforms))
+    b.refresh("cpu")
+    return b
+
+
+def test_kron_apply_hand_values_and_missing_factors() -> None:
+    """x (L (x) R) = vec(L^T X R) with X the row-major (n1, n2) reshape; a missing factor is the identity."""
+    x = torch.tensor([[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]])  # X = [[1, 2, 3], [4, 5, 6]]
+    left = torch.tensor([[0.0, 1.0], [1.0, 0.0]])  # swaps the two rows of X
+    right = torch.diag(torch.tensor([1.0, 10.0, 100.0]))  # scales the columns of X
+    assert torch.equal(kron_apply(x, left, None, 2, 3), torch.tensor([[4.0, 5.0, 6.0, 1.0, 2.0, 3.0]]))
+    assert torch.equal(kron_apply(x, None, right, 2, 3), torch.tensor([[1.0, 20.0, 300.0, 4.0, 50.0, 600.0]]))
+    assert torch.equal(kron_apply(x, left, right, 2, 3), x @ torch.kron(left, right))
+    assert torch.equal(kron_apply(x, None, None, 2, 3), x)
+    v = torch.arange(8.0).reshape(1, 8)  # two heads of 4: each head times the same 4 x 4 matrix
+    p = torch.diag(torch.tensor([1.0, -1.0, 2.0, 0.0]))
+    assert torch.equal(per_head_apply(v, p), torch.tensor([[0.0, -1.0, 4.0, 0.0, 4.0, -5.0, 12.0, 0.0]]))
+
+
 def test_kronecker_identity_at_init() -> None:
     t = KroneckerTransform(192)
-    x = torch.randn(3, 192, dtype=torch.float64)
-    assert torch.allclose(t.apply_activation(x), x, rtol=0, atol=1e-15)
+    x = torch.randn(3, 192)
+    assert torch.equal(_bundle(t=t).activation("t", x), x)
     w = torch.randn(10, 192, dtype=torch.float64)
     assert torch.allclose(t.merge_weight(w), w, rtol=0, atol=1e-15)
 
 
 @pytest.mark.parametrize(("n", "use_scale"), [(192, True), (448, True), (384, False), (45, True)])
-def test_apply_activation_equals_full_matrix(n: int, use_scale: bool) -> None:
+def test_activation_live_and_frozen_equal_full_matrix(n: int, use_scale: bool) -> None:
     t = KroneckerTransform(n, use_scale=use_scale)
     _perturb(t, seed=n)
-    m = t.full_matrix(torch.float64)
-    x = torch.randn(2, 5, n, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    y = t.apply_activation(x)
-    assert y.shape == x.shape and y.dtype == torch.float64
-    assert (y - x @ m).abs().max().item() < 1e-12
-    assert (t(x) - y).abs().max().item() == 0.0
-    # not the identity: the transform really mixes channels
-    assert (y - x).abs().max().item() > 0.1
-    # inverse_apply undoes it
-    assert (t.inverse_apply(y) - x).abs().max().item() < 1e-12
+    m = _full(t)
+    x = torch.randn(2, 5, n, generator=torch.Generator().manual_seed(1))
+    ref = x.double() @ m
+    b = _bundle(t=t)
+    y = b.activation("t", x)
+    assert y.shape == x.shape and y.dtype == torch.float32
+    assert (y.double() - ref).abs().max().item() < 1e-5 * ref.abs().max().item()
+    assert (y - x).abs().max().item() > 0.1  # not the identity: the transform really mixes channels
+    scale = None if t.diag_scale is None else t.diag_scale.detach()
+    frozen = b.frozen_op("t", inv_scale=scale)  # the deployed op: factors fixed in float64, stored fp32
+    assert (frozen(x).double() - ref).abs().max().item() < 1e-5 * ref.abs().max().item()
+    assert isinstance(b.live_op("t"), LiveOp) and torch.equal(b.live_op("t")(x), y)
+    # the inverse-transpose factors: x (P1^{-T} (x) P2^{-T}) (the scale d still multiplies first)
+    inv = b.activation("t", x, inverse=True)
+    p_it = torch.linalg.inv(torch.kron(t.left.matrix(torch.float64), t.right.matrix(torch.float64))).T
+    d = torch.ones(n, dtype=torch.float64) if t.diag_scale is None else t.diag_scale.detach().double()
+    assert (inv.double() - (x.double() * d) @ p_it).abs().max().item() < 1e-4
 
 
 @pytest.mark.parametrize("n", [192, 448, 384])
@@ -143,19 +180,21 @@ def test_merge_weight_invariance(n: int) -> None:
     x = torch.randn(6, n, dtype=torch.float64, generator=g)
     w = torch.randn(24, n, dtype=torch.float64, generator=g)
     ref = x @ w.T
+    m = _full(t)
     merged = t.merge_weight(w)
     assert merged.dtype == torch.float64 and merged.shape == w.shape
-    assert (t.apply_activation(x) @ merged.T - ref).abs().max().item() < 1e-10
-    # float32 weights/activations: merge still done in float64, cast back
-    x32, w32 = x.float(), w.float()
-    merged32 = t.merge_weight(w32)
-    assert merged32.dtype == torch.float32
-    out32 = t.apply_activation(x32) @ merged32.T
-    rel = (out32.double() - ref).abs().max().item() / ref.abs().max().item()
-    assert rel < 1e-5
+    assert ((x @ m) @ merged.T - ref).abs().max().item() < 1e-10
     # merged weight equals the explicit formula W' = (W / d) P^{-T} with M = diag(d) P
-    m = t.full_matrix(torch.float64)
     assert (merged - w @ torch.linalg.inv(m).T).abs().max().item() < 1e-9
+    # float32 weights: merge still done in float64, cast back
+    merged32 = t.merge_weight(w.float())
+    assert merged32.dtype == torch.float32 and (merged32.double() - merged).abs().max().item() < 1e-5
+    # the live (differentiable, fp32, cached) weight is the same W' and keeps the function with the live activation
+    b = _bundle(t=t)
+    live = b.weight("t", w.float())
+    assert (live.double() - merged).abs().max().item() < 1e-4 * merged.abs().max().item()
+    out32 = b.activation("t", x.float()) @ live.T
+    assert (out32.double() - ref).abs().max().item() < 1e-4 * ref.abs().max().item()
 
 
 def test_init_scale_smoothquant() -> None:
@@ -171,7 +210,9 @@ def test_init_scale_smoothquant() -> None:
     assert bool(torch.isfinite(t.diag_scale).all()) and bool((t.diag_scale >= 1e-5).all())
     # with scale only (identity factors): x_t = x * d and W' = W / d
     x = torch.randn(2, 12)
-    assert torch.allclose(t.apply_activation(x), x * t.diag_scale.data)
+    b = _bundle(t=t)
+    assert torch.allclose(b.activation("t", x), x * t.diag_scale.data)
+    assert torch.allclose(b.weight("t", x), x / t.diag_scale.data)
     with pytest.raises(RuntimeError):
         KroneckerTransform(12, use_scale=False).init_scale(act, wgt)
 
@@ -180,27 +221,30 @@ def test_kronecker_preserves_input_dtype() -> None:
     t = KroneckerTransform(64)
     _perturb(t)
     x = torch.randn(3, 64).to(torch.bfloat16)
-    y = t.apply_activation(x)
+    y = _bundle(t=t).activation("t", x)
     assert y.dtype == torch.bfloat16
-    ref = x.double() @ t.full_matrix(torch.float64)
+    ref = x.double() @ _full(t)
     assert (y.double() - ref).abs().max().item() < 0.1 * ref.abs().max().item()
-    with pytest.raises(ValueError):
-        t.apply_activation(torch.randn(3, 65))
 
 
 def test_head_transform_keeps_scores() -> None:
+    """K -> K P and Q -> Q P^{-T} (the q_rope / k_rope ops of the bundle): attention scores unchanged."""
     ht = HeadTransform(16)
     _perturb(ht, seed=3)
+    assert (ht.n1, ht.n2, ht.left, ht.right) == (1, 16, None, ht.factor)  # a Kronecker transform with a 1 x 1 left
     g = torch.Generator().manual_seed(4)
-    q = torch.randn(2, 4, 7, 16, dtype=torch.float64, generator=g)  # (batch, heads, seq, head_dim)
-    k = torch.randn(2, 4, 7, 16, dtype=torch.float64, generator=g)
-    qt, kt = ht(q, k)
-    assert (kt - k @ ht.factor.matrix(torch.float64)).abs().max().item() < 1e-13
+    q = torch.randn(2, 4, 7, 16, generator=g)  # (batch, heads, seq, head_dim)
+    k = torch.randn(2, 4, 7, 16, generator=g)
+    b = _bundle(head=ht)
+    qt, kt = b.activation("head", q, left=False, inverse=True), b.activation("head", k, left=False)
+    p = ht.factor.matrix(torch.float64)
+    assert (kt.double() - k.double() @ p).abs().max().item() < 1e-5
     assert (kt - k).abs().max().item() > 0.1
-    scores = q @ k.transpose(-1, -2)
-    assert (qt @ kt.transpose(-1, -2) - scores).abs().max().item() < 1e-10
-    q32, k32 = ht(q.float(), k.float())
-    assert ((q32 @ k32.transpose(-1, -2)).double() - scores).abs().max().item() < 1e-4 * scores.abs().max().item()
+    scores = q.double() @ k.double().transpose(-1, -2)
+    tol = 1e-4 * scores.abs().max().item()
+    assert ((qt @ kt.transpose(-1, -2)).double() - scores).abs().max().item() < tol
+    qf, kf = b.frozen_op("head", left=False, inverse=True), b.frozen_op("head", left=False)
+    assert ((qf(q) @ kf(k).transpose(-1, -2)).double() - scores).abs().max().item() < tol
 
 
 def test_gradients_reach_every_parameter() -> None:
@@ -211,9 +255,12 @@ def test_gradients_reach_every_parameter() -> None:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(5, 48, generator=g)
     target = torch.randn(5, 48, generator=g)
+    b = _bundle(t=t, head=ht)  # the cache is built with autograd: gradients flow through it
+    xt = b.activation("t", x)
     # a non-rotation-invariant loss (a plain sum of squares has zero gradient w.r.t. the outer orthogonal factors)
-    loss = (t(x) * target).sum() + (t(x) ** 3).sum()
-    q, k = ht(torch.randn(3, 8, generator=g), torch.randn(3, 8, generator=g))
+    loss = (xt * target).sum() + (xt ** 3).sum() + b.weight("t", target).sum()
+    q = b.activation("head", torch.randn(3, 8, generator=g), left=False, inverse=True)
+    k = b.activation("head", torch.randn(3, 8, generator=g), left=False)
     loss = loss + ((q @ k.T) ** 2).sum() + (k * torch.randn(3, 8, generator=g)).sum()
     loss.backward()
     for module in (t, ht):
@@ -221,6 +268,19 @@ def test_gradients_reach_every_parameter() -> None:
             assert p.grad is not None, name
             assert bool(torch.isfinite(p.grad).all()), name
             assert p.grad.abs().max().item() > 0, name
+
+
+def test_random_init_is_orthogonal_seeded_and_ordered() -> None:
+    """FlatQuant's random orthogonal init: every Cayley weight a QR-orthogonal matrix, the same seed the same bits."""
+    runs = []
+    for _ in range(2):
+        b = TransformBundle({"a": KroneckerTransform(12), "b": KroneckerTransform(6)})
+        b.random_init(torch.Generator().manual_seed(5))
+        runs.append([p.detach().clone() for p in b.parameters()])
+        u, v = b["a"].left.u.weight.detach().double(), b["a"].left.v.weight.detach().double()
+        assert (u.T @ u - torch.eye(u.shape[0], dtype=torch.float64)).abs().max().item() < 1e-6
+        assert (u - v).abs().max().item() > 0.1  # every factor draws its own matrix
+    assert all(torch.equal(x, y) for x, y in zip(*runs, strict=True))
 
 
 # ---- the reference's parameterisation (ruikangliu/FlatQuant trans_utils.py) --------------------------------------
@@ -264,6 +324,12 @@ def test_singular_values_and_diag_scale_step_like_the_reference() -> None:
     d0, s0 = t.diag_scale.detach().clone(), t.left.singular.detach().clone()
     x = torch.randn(5, 12, generator=torch.Generator().manual_seed(0))
     lr = 1e-2
-    _adam_step([t.diag_scale, t.left.singular], lambda: t.apply_activation(x).pow(2).sum(), lr=lr)
+    b = TransformBundle({"t": t})
+
+    def loss() -> torch.Tensor:
+        b.refresh("cpu")
+        return b.activation("t", x).pow(2).sum()
+
+    _adam_step([t.diag_scale, t.left.singular], loss, lr=lr)
     assert torch.allclose((t.diag_scale.detach() - d0).abs(), torch.full((12,), lr), rtol=1e-3)
     assert torch.allclose((t.left.singular.detach() - s0).abs(), torch.full((2,), lr), rtol=1e-3)

@@ -21,7 +21,7 @@ from torch import nn
 
 from fair_calib.errors import ConfigError
 from fair_calib.models.block import LINEAR_ROLES, TAP_POINTS
-from fair_calib.quant.flat_block import FlatActTap, FlatLinear
+from fair_calib.quant.flat_linear import FlatActTap, FlatLinear
 from fair_calib.quant.hadamard import hadamard_factor
 from fair_calib.quant.qlinear import ActQuantizer, QLinear
 from fair_calib.quant.rotation import CrossHeadHadamard, OnlineHadamard

@@ -24,7 +24,7 @@ from fair_calib.export.layout import ExportError, describe_blocks
 from fair_calib.kernels import pack_int32
 from fair_calib.models.block import LINEAR_ROLES, TAP_POINTS
 from fair_calib.models.dllm import DiffusionLM
-from fair_calib.quant.flat_block import FlatActTap, FlatLinear
+from fair_calib.quant.flat_linear import FlatActTap, FlatLinear
 from fair_calib.quant.qlinear import ActQuantizer, QLinear
 from fair_calib.quant.transforms import FrozenKron
 from fair_calib.utils.io import atomic_dir
