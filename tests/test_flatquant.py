@@ -1,4 +1,5 @@
-"""FlatQuant (DESIGN 4.6): the debug invariant, calibration beats RTN, per-token weights, determinism, tiny sizes."""
+"""FlatQuant (DESIGN 4.6): the debug invariant, calibration beats RTN, per-token weights, determinism, tiny sizes,
+the tap wiring table."""
 
 from __future__ import annotations
 
@@ -10,22 +11,15 @@ import torch
 from fair_calib.data.calibration import CalibrationSet
 from fair_calib.models.config import DLLMConfig
 from fair_calib.models.dllm import DiffusionLM, build_model
-from fair_calib.quant.flat_block import (
-    FlatActTap,
-    FlatBlock,
-    FlatBlockSpec,
-    FlatLinear,
-    block_act_absmax,
-    fake_quant_clip_pair,
-    install_flat_skeleton,
-    weighted_token_mse,
-)
+from fair_calib.quant.engine import Batch
+from fair_calib.quant.flat_block import SCALED_TAPS, FlatBlock, FlatBlockSpec, tap_wiring, weighted_token_mse
+from fair_calib.quant.flat_linear import FlatActTap, FlatLinear
 from fair_calib.quant.flatquant import (
+    BatchSource,
     FlatQuant,
     FlatQuantSettings,
     block_mse,
-    calibrate_block,
-    tensor_batches,
+    run_flat_block,
     train_flat_block,
 )
 from fair_calib.quant.grids import QuantSpec
@@ -87,6 +81,39 @@ def _block_inputs(model: DiffusionLM, calib: CalibrationSet):
     return h, model.rope(length), model.attention_bias(calib.attention_mask, torch.float32)
 
 
+def _fp_pass(block: torch.nn.Module, h: torch.Tensor, rope, bias, valid: torch.Tensor | None = None):
+    """FP block outputs, and each scaled tap's per-channel abs-max over valid tokens (what the engine collects for
+    FlatBlock's scale init)."""
+    stats: dict[str, torch.Tensor] = {}
+
+    def hook(point: str):
+        def fn(_m, _inp, out: torch.Tensor) -> None:
+            a = out.detach().float().abs() * (1.0 if valid is None else valid.unsqueeze(-1).float())
+            stats[point] = a.reshape(-1, a.shape[-1]).amax(dim=0)
+        return fn
+
+    handles = [block.taps[p].register_forward_hook(hook(p)) for p in SCALED_TAPS]
+    with torch.no_grad():
+        out = block(h, rope, bias)
+    for handle in handles:
+        handle.remove()
+    return stats, out
+
+
+def _batches(x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor, bias, size: int = 4) -> BatchSource:
+    """In-memory mini-batches with FP targets, in row order (the engine's ``ctx.batches(targets=True)``)."""
+    def source(shuffle: bool = False, generator: torch.Generator | None = None):
+        for start in range(0, x.shape[0], size):
+            rows = slice(start, start + size)
+            yield Batch(rows, x[rows], None if bias is None else bias[rows], weights[rows],
+                        (weights[rows] != 0).long(), y[rows])
+    return source
+
+
+def _n(x: torch.Tensor, size: int = 4) -> int:
+    return -(-x.shape[0] // size)
+
+
 def _max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max())
 
@@ -102,9 +129,9 @@ def test_invariant_random_transforms(family: str, kv_heads: int | None, o_factor
     h, rope, bias = _block_inputs(model, calib)
     fbs = []
     for i, block in enumerate(model.blocks):
-        stats, h_next = block_act_absmax(block, h, rope, bias, calib.attention_mask.bool(), 4)
+        stats, h_next = _fp_pass(block, h, rope, bias, calib.attention_mask.bool())
         fb = FlatBlock(block, _spec(o_factors=o_factors), f"blocks.{i}", stats, generator=gen)
-        for m in fb.modules():
+        for m in fb.transforms.modules():
             _perturb(m, gen)  # singular values and scales away from 1, rotations away from the random init
         fbs.append(fb)
         h = h_next
@@ -115,7 +142,8 @@ def test_invariant_random_transforms(family: str, kv_heads: int | None, o_factor
             fb.finalize(freeze=False)
         merged = model(calib.input_ids, calib.attention_mask)
     # the transforms are far from the identity, yet the function is unchanged to fp32 precision
-    p = fbs[0].transforms["attn_in"].full_matrix()
+    t = fbs[0].transforms["attn_in"]
+    p = torch.kron(t.left.matrix(torch.float64), t.right.matrix(torch.float64))
     assert float((p - torch.eye(p.shape[0], dtype=p.dtype)).abs().max()) > 0.3
     assert _max_rel(live, ref) < 1e-5
     assert _max_rel(merged, ref) < 1e-5  # with diag_scale folded into the RMSNorm weights (the reference's deployment)
@@ -135,9 +163,10 @@ def test_invariant_after_training() -> None:
     h, rope, bias = _block_inputs(model, calib)
     reports = []
     for i, block in enumerate(model.blocks):
-        stats, fp_out = block_act_absmax(block, h, rope, bias, calib.attention_mask.bool(), 4)
-        reports.append(calibrate_block(block, h, fp_out, None, rope, bias, settings, _spec(), f"blocks.{i}", i,
-                                       act_absmax=stats, freeze=False))
+        stats, fp_out = _fp_pass(block, h, rope, bias, calib.attention_mask.bool())
+        batches = _batches(h, fp_out, calib.attention_mask.float(), bias)
+        reports.append(run_flat_block(block, _spec(), settings, batches, _n(h), rope, stats, f"blocks.{i}", i,
+                                      freeze=False))
         h = fp_out
     set_quant_enabled(model, False)
     with torch.no_grad():
@@ -154,7 +183,7 @@ def test_calibration_beats_rtn_w4a4() -> None:
     weights = calib.attention_mask.float()
     rtn_losses, targets = [], []
     for block in model.blocks:  # FP inputs to both (FlatQuant's choice), so the RTN blocks see the same inputs
-        stats, out = block_act_absmax(block, h, rope, bias, calib.attention_mask.bool(), 4)
+        _, out = _fp_pass(block, h, rope, bias)
         targets.append((h, out))
         h = out
     wrap_block_linears(rtn_model, W4, A4)
@@ -162,7 +191,7 @@ def test_calibration_beats_rtn_w4a4() -> None:
         if hasattr(q, "freeze") and hasattr(q, "w_spec"):
             q.freeze()
     for (x, y), block in zip(targets, rtn_model.blocks, strict=True):
-        rtn_losses.append(block_mse(block, tensor_batches(x, y, weights, bias, 4, x.device)(), rope))
+        rtn_losses.append(block_mse(block, _batches(x, y, weights, bias)(), rope))
 
     fq = FlatQuant(epochs=2, batch_size=2, progress=False, seed=0)
     report = fq.quantize(model, calib, weights)
@@ -175,7 +204,7 @@ def test_calibration_beats_rtn_w4a4() -> None:
     assert final < 0.9 * init
     # the engine's error of the first block, re-evaluated by hand with the finalized (frozen) quantized weights
     x, y = targets[0]
-    again = block_mse(model.blocks[0], tensor_batches(x, y, weights, bias, 4, x.device)(), rope)
+    again = block_mse(model.blocks[0], _batches(x, y, weights, bias)(), rope)
     assert again == pytest.approx(report["blocks"][0]["mse_weighted"], rel=1e-5)
     assert all(isinstance(q, FlatLinear) and q.weight_frozen for q in model.blocks[0].linears().values())
 
@@ -199,7 +228,7 @@ def test_zero_weight_position_ignored_by_calibration() -> None:
     """Corrupting the FP target at zero-weight positions changes nothing: same merged, quantized weights."""
     model, calib = _model(layers=1), _calib()
     h, rope, bias = _block_inputs(model, calib)
-    stats, fp_out = block_act_absmax(model.blocks[0], h, rope, bias, calib.attention_mask.bool(), 4)
+    stats, fp_out = _fp_pass(model.blocks[0], h, rope, bias, calib.attention_mask.bool())
     weights = calib.attention_mask.float()
     weights[:, 5] = 0.0
     corrupted = fp_out.clone()
@@ -208,7 +237,7 @@ def test_zero_weight_position_ignored_by_calibration() -> None:
     results = []
     for tgt in (fp_out, corrupted):
         block = copy.deepcopy(model.blocks[0])
-        calibrate_block(block, h, tgt, weights, rope, bias, settings, _spec(), act_absmax=stats)
+        run_flat_block(block, _spec(), settings, _batches(h, tgt, weights, bias), _n(h), rope, stats, "blocks.0", 0)
         results.append({k: v.clone() for k, v in block.state_dict().items()})
     assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])
 
@@ -235,14 +264,13 @@ def test_tiny_model_sizes(family: str, ff: int, mid: tuple[int, int]) -> None:
     with torch.no_grad():
         ref = model(calib.input_ids, calib.attention_mask)
     h, rope, bias = _block_inputs(model, calib)
-    stats, _ = block_act_absmax(model.blocks[0], h, rope, bias, calib.attention_mask.bool(), 2)
+    stats, _ = _fp_pass(model.blocks[0], h, rope, bias, calib.attention_mask.bool())
     fb = FlatBlock(model.blocks[0], _spec(), "blocks.0", stats, generator=torch.Generator().manual_seed(0))
-    sizes = {k: (t.n1, t.n2) for k, t in fb.transforms.items()}
-    assert sizes == {"attn_in": (12, 16), "mlp_in": (12, 16), "mlp_mid": mid, "attn_ctx": (6, 32)}
+    sizes = {k: (t.n1, t.n2) for k, t in fb.transforms.transforms.items()}
+    assert sizes == {"attn_in": (12, 16), "mlp_in": (12, 16), "mlp_mid": mid, "attn_ctx": (6, 32), "head": (1, 32)}
     other = _model(family, d=192, heads=6, ff=ff, layers=1).blocks[0]
     balanced = FlatBlock(other, _spec(o_factors="balanced")).transforms["attn_ctx"]
     assert (balanced.n1, balanced.n2) == (12, 16)  # n_heads * head_dim = 192 when not split by heads
-    assert fb.head is not None and fb.head.head_dim == 32
     fb.finalize(freeze=False)
     set_quant_enabled(model, False)
     with torch.no_grad():
@@ -250,14 +278,6 @@ def test_tiny_model_sizes(family: str, ff: int, mid: tuple[int, int]) -> None:
 
 
 # ---- quantizer pieces --------------------------------------------------------------------------------------------
-def test_clip_pair_quantizer_hand_values() -> None:
-    x = torch.tensor([[-1.0, 0.5, 3.5]])
-    big = torch.tensor(50.0)  # sigmoid -> 1: plain absmax grid, s = 3.5 / 7 = 0.5
-    assert torch.equal(fake_quant_clip_pair(x, W4, big, big), torch.tensor([[-1.0, 0.5, 3.5]]))
-    zero = torch.tensor(0.0)  # sigmoid(0) = 0.5 on both sides: absmax 1.75, s = 0.25; clamp to [-0.5, 1.75]
-    assert torch.equal(fake_quant_clip_pair(x, W4, zero, zero, clamp=True), torch.tensor([[-0.5, 0.5, 1.75]]))
-
-
 def test_group_granularity_and_config_errors() -> None:
     model, calib = _model(layers=1), _calib(n=4)
     FlatQuant(epochs=1, w_granularity="group", group_size=16, progress=False).quantize(model, calib, None)
@@ -275,7 +295,7 @@ def test_group_granularity_and_config_errors() -> None:
 def test_non_finite_merge_names_the_layer() -> None:
     model, calib = _model(layers=1), _calib(n=4)
     h, rope, bias = _block_inputs(model, calib)
-    stats, _ = block_act_absmax(model.blocks[0], h, rope, bias, None, 4)
+    stats, _ = _fp_pass(model.blocks[0], h, rope, bias)
     fb = FlatBlock(model.blocks[0], _spec(), "blocks.0", stats)
     with torch.no_grad():
         fb.transforms["mlp_in"].diag_scale[0] = float("nan")
@@ -289,19 +309,6 @@ def test_other_propagation_modes_run(propagate: str) -> None:
     rep = FlatQuant(epochs=1, propagate=propagate, kv_bits=4, progress=False).quantize(model, calib, None)
     assert rep["propagate"] == propagate and len(rep["blocks"]) == 2
     assert torch.isfinite(model(calib.input_ids, calib.attention_mask)).all()
-
-
-@pytest.mark.parametrize(("kv_bits", "o_factors"), [(4, "heads"), (16, "balanced")])
-def test_saved_state_loads_into_skeleton(kv_bits: int, o_factors: str) -> None:
-    base, calib = _model("dream", kv_heads=2), _calib(n=4)
-    model = copy.deepcopy(base)
-    fq = FlatQuant(epochs=1, kv_bits=kv_bits, o_factors=o_factors, progress=False)
-    fq.quantize(model, calib, None)
-    fresh = copy.deepcopy(base)
-    install_flat_skeleton(fresh, fq.spec)
-    fresh.load_state_dict(model.state_dict(), strict=True)
-    with torch.no_grad():
-        assert torch.equal(fresh(calib.input_ids, calib.attention_mask), model(calib.input_ids, calib.attention_mask))
 
 
 def test_bfloat16_model_calibrates_in_fp32_and_keeps_its_dtype() -> None:
@@ -319,14 +326,14 @@ def test_weight_decay_applied_to_every_trained_parameter() -> None:
     model, calib = _model(layers=1), _calib(n=4)
     h, rope, bias = _block_inputs(model, calib)
     block = model.blocks[0]
-    stats, fp_out = block_act_absmax(block, h, rope, bias, calib.attention_mask.bool(), 4)
+    stats, fp_out = _fp_pass(block, h, rope, bias, calib.attention_mask.bool())
     s = FlatQuantSettings(epochs=1, batch_size=4, progress=False)
     assert s.weight_decay == 0.01 and s.amp == "auto"
     fb = FlatBlock(block, _spec(), "blocks.0", stats, generator=torch.Generator().manual_seed(0))
     u = fb.transforms["attn_in"].left.u.weight
     upper0 = u.detach().triu(1).clone()
     weights = calib.attention_mask.float()
-    batches = tensor_batches(h, fp_out, weights, bias, 4, torch.device("cpu"))
+    batches = _batches(h, fp_out, weights, bias)
     train_flat_block(fb, batches, 1, rope, s, torch.Generator().manual_seed(0), torch.device("cpu"))
     assert torch.allclose(u.detach().triu(1), upper0 * (1 - s.lr * s.weight_decay), rtol=0, atol=1e-7)
     groups = fb.parameter_groups(s.lr, s.lr * s.clip_lr_mult)
@@ -346,12 +353,12 @@ def test_v_transform_folded_into_v_proj(kv: QuantSpec) -> None:
     b_v = block.role("v").bias.detach().clone().double()
     with torch.no_grad():
         ref = block(h, rope, bias)
-    stats, _ = block_act_absmax(block, h, rope, bias, calib.attention_mask.bool(), 4)
+    stats, _ = _fp_pass(block, h, rope, bias, calib.attention_mask.bool())
     gen = torch.Generator().manual_seed(2)
     fb = FlatBlock(block, _spec(kv=kv), "blocks.0", stats, generator=gen)
-    for m in fb.modules():
+    for m in fb.transforms.modules():
         _perturb(m, gen)
-    assert fb.linears["v"].out_map is not None and fb.linears["k"].out_map is None
+    assert fb.linears["v"].fold == "attn_ctx" and all(fb.linears[r].fold is None for r in ("q", "k", "o"))
     assert not isinstance(block.taps["v_heads"], FlatActTap) or block.taps["v_heads"].op is None
     set_quant_enabled(block, False)
     with torch.no_grad():
@@ -387,9 +394,40 @@ def test_bf16_training_is_seeded_and_finite() -> None:
     results = []
     for _ in range(2):
         model, calib = _model(layers=1), _calib(n=4)
-        h, rope, bias = _block_inputs(model, calib)
-        settings = FlatQuantSettings(epochs=1, batch_size=4, progress=False, amp=True)
-        report = calibrate_block(model.blocks[0], h, None, None, rope, bias, settings, _spec())
-        assert report["train_dtype"] == "bfloat16" and report["mse_weighted"] > 0
+        report = FlatQuant(epochs=1, batch_size=4, kv_bits=4, amp=True, progress=False).quantize(model, calib, None)
+        block = report["blocks"][0]
+        assert block["train_dtype"] == "bfloat16" and block["mse_weighted"] > 0
         results.append(torch.cat([p.detach().flatten() for p in model.blocks[0].parameters()]))
     assert torch.isfinite(results[0]).all() and torch.equal(results[0], results[1])
+
+
+@pytest.mark.parametrize(("kv", "o_factors"), [(KV4, "heads"), (OFF, "balanced")])
+def test_one_wiring_table_for_live_and_deployed_taps(kv: QuantSpec, o_factors: str) -> None:
+    """tap_wiring decides every tap: which factors run online while training and after finalize, P^-T on Q, the K/V
+    quantizers; the taps it does not name stay identities."""
+    from fair_calib.quant.transforms import FrozenKron, LiveOp
+
+    model = _model("dream", kv_heads=2, layers=1)
+    block = model.blocks[0]
+    spec = _spec(kv=kv, o_factors=o_factors)
+    heads = o_factors == "heads"
+    # by hand (module docstring): (transform, left online, right online) per tap
+    expected = {"attn_in": (True, True), "mlp_in": (True, True), "mlp_mid": (True, True), "attn_ctx": (True, not heads)}
+    if kv.enabled:
+        expected |= {"q_rope": (False, True), "k_rope": (False, True)}
+    wiring = tap_wiring(spec)
+    assert {p: (w.left, w.right) for p, w in wiring.items() if w.transform} == expected
+    assert [p for p, w in wiring.items() if w.kv_quant] == (["v_heads", "k_rope"] if kv.enabled else [])
+    fb = FlatBlock(block, spec, "blocks.0", generator=torch.Generator().manual_seed(0))
+    live = {p: t.op if isinstance(t, FlatActTap) else t for p, t in block.taps.items()}
+    assert {p for p, t in live.items() if isinstance(t, LiveOp)} == set(expected)
+    fb.finalize()
+    taps = {p: t.op if isinstance(t, FlatActTap) else t for p, t in block.taps.items()}
+    frozen = {p: t for p, t in taps.items() if isinstance(t, FrozenKron)}
+    assert {p: (t.left is not None, t.right is not None) for p, t in frozen.items()} == expected
+    assert [p for p, t in frozen.items() if t.inv_scale is not None] == ["mlp_mid"]  # the others fold into norms
+    assert all(isinstance(block.taps[p], torch.nn.Identity) for p in block.taps if p not in wiring)
+    if kv.enabled:
+        head = fb.transforms["head"].factor
+        assert torch.equal(block.taps["q_rope"].right, head.inverse_transpose(torch.float64).float())
+        assert torch.equal(block.taps["k_rope"].op.right, head.matrix(torch.float64).float())

@@ -9,8 +9,12 @@ from fair_calib.quant.base import BitSettings
 from fair_calib.quant.grids import (
     QuantSpec,
     asym_scale_zero,
+    clip_pair_clamp,
+    clip_pair_range,
+    fake_quant_clip_pair,
     fake_quant_lastdim,
     fake_quant_weight,
+    fake_quant_weight_clip_pair,
     quant_dequant,
     round_ste,
     sym_scale,
@@ -191,3 +195,38 @@ def test_bit_settings_specs_and_label() -> None:
     assert b.act_spec().bits == 8 and b.act_spec().clip_ratio == 0.9
     assert b.kv_spec().bits == 4 and not b.kv_spec().symmetric
     assert BitSettings().label == "W4A4"
+
+
+# ---- FlatQuant's clipping pair -----------------------------------------------------------------------------------
+def test_clip_pair_range_and_quantizer_hand_values() -> None:
+    x = torch.tensor([[-1.0, 0.5, 3.5], [2.0, 4.0, 1.0]])
+    lo, hi = clip_pair_range(x, 0.5, 0.25)
+    assert torch.equal(lo, torch.tensor([[-0.5], [0.0]])) and torch.equal(hi, torch.tensor([[0.875], [1.0]]))
+    w4 = QuantSpec(4)
+    row = x[:1]
+    big = torch.tensor(50.0)  # sigmoid -> 1: plain absmax grid, s = 3.5 / 7 = 0.5
+    assert torch.equal(fake_quant_clip_pair(row, w4, big, big), torch.tensor([[-1.0, 0.5, 3.5]]))
+    zero = torch.tensor(0.0)  # sigmoid(0) = 0.5 on both sides: absmax 1.75, s = 0.25; clamp to [-0.5, 1.75]
+    assert torch.equal(fake_quant_clip_pair(row, w4, zero, zero, clamp=True), torch.tensor([[-0.5, 0.5, 1.75]]))
+    assert torch.equal(clip_pair_clamp(row, zero, zero), torch.tensor([[-0.5, 0.5, 1.75]]))
+    # no logits: spec.clip_ratio on both sides; asymmetric 2-bit grid over [-1, 3.5]: s = 1.5, z = 1
+    a2 = QuantSpec(2, symmetric=False)
+    assert torch.equal(fake_quant_clip_pair(row, a2, None, None), torch.tensor([[-1.5, 0.0, 3.0]]))
+
+
+def test_weight_clip_pair_per_group_uses_each_channel_logits() -> None:
+    """Per-group weights: the (out, 1) clipping logits of a channel apply to each of its groups."""
+    w = torch.tensor([[4.0, -2.0, 1.0, 8.0], [1.0, 1.0, -3.0, 0.5]])
+    spec = QuantSpec(4, granularity="group", group_size=2)
+    lo = hi = torch.tensor([[50.0], [0.0]])  # channel 0 unclipped, channel 1 clipped to half its range
+    out = fake_quant_weight_clip_pair(w, spec, lo, hi)
+    rows = torch.cat([fake_quant_clip_pair(w[:1].reshape(2, 2), spec, lo[:1], hi[:1], clamp=True).reshape(1, 4),
+                      fake_quant_clip_pair(w[1:].reshape(2, 2), spec, lo[1:], hi[1:], clamp=True).reshape(1, 4)])
+    assert torch.equal(out, rows)
+    assert torch.equal(out[0], fake_quant_weight(w, spec)[0])  # sigmoid(50) = 1: the plain grid
+    assert float(out[1].abs().max()) <= 1.5 + 1e-6  # group (-3, 0.5): range clamped to [-1.5, 0.25]
+    with pytest.raises(ConfigError, match="group_size"):
+        fake_quant_weight_clip_pair(w, QuantSpec(4, granularity="group", group_size=3), lo, hi)
+    with pytest.raises(ConfigError, match="per channel or per group"):
+        fake_quant_weight_clip_pair(w, QuantSpec(4, granularity="tensor"), lo, hi)
+

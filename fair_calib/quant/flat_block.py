@@ -16,9 +16,10 @@ once in :func:`tap_wiring` and read by the live ops, the deployed ops and the we
     mlp_mid  : m -> m T_down                     down weight merged with T_down
 
 Which linear reads which tap is ``models.block.INPUT_TAP``. Every linear (``flat_linear.FlatLinear``) quantizes its
-own input per token and its weight per output channel, both with a learnable clipping pair. During training the weights are recomputed from the live transforms (differentiable, fp32); at the end the
-inverse transforms are merged in float64, the online ops become fixed matrices (buffers), the weights are frozen.
-The transforms themselves (parameters, cache, merge, deployed ops) are :mod:`fair_calib.quant.transforms`.
+own input per token and its weight per output channel, both with a learnable clipping pair. During training the
+weights are recomputed from the live transforms (differentiable, fp32); at the end the inverse transforms are merged
+in float64, the online ops become fixed matrices (buffers), the weights are frozen. The transforms themselves
+(parameters, per-forward cache, merge, deployed ops) are :mod:`fair_calib.quant.transforms`.
 """
 
 from __future__ import annotations
