@@ -13,7 +13,8 @@ Notation: activations are row vectors ``x`` (shape ``(..., n)``), a linear layer
 * Each factor is ``P = U diag(sigma) V^T`` (:class:`DecomposedFactor`), ``U, V`` orthogonal through PyTorch's
   Cayley parameterisation on the lower triangle (:class:`CayleyOrthogonal`), ``sigma`` trained directly (init 1),
   so ``P^{-1} = V diag(1/sigma) U^T`` analytically. These are the reference's parameters (ruikangliu/FlatQuant
-  ``trans_utils.py``), so an Adam step moves them as far as there. Everything starts at the identity.
+  ``trans_utils.py``), so an Adam step moves them as far as there. Everything starts at the identity;
+  FlatQuant's own init draws random orthogonal ``U, V`` (:meth:`CayleyOrthogonal.random_init`).
 * :class:`HeadTransform` is the per-head transform for K after RoPE: ``K -> K P``, ``Q -> Q P^{-T}``, so
   ``Q P^{-T} (K P)^T = Q K^T`` (a Kronecker transform with a trivial 1 x 1 left factor).
 * :class:`TransformBundle` holds the transforms of one block by name and applies them: online to activations
