@@ -13,9 +13,11 @@ registry's build("quantizer", cfg) on the composed method=<gptq|quarot|flatquant
 FlatQuant with --epochs (default 1; its config's 15 is used for the projection). Each (method, width, depth) runs
 in a fresh subprocess, so the peak RSS (resource ru_maxrss) is that configuration's; --threads 1 by default.
 
-Printed: one row per configuration (block parameters, median seconds per block from the engine's report, peak RSS,
-peak - RSS before calibrating, the calibration FLOP estimate of one block and the GFLOP/s it implies); per method
-a least-squares fit log(s/block) = log a + b log(width) and the same for the memory overhead (b and R^2); then the
+Printed: one row per configuration (block parameters, s_block = median wall seconds per block from the engine's
+report, cpu_s_block = process CPU seconds of the whole calibration / depth, peak RSS, peak - RSS before calibrating,
+the calibration FLOP estimate of one block and the GFLOP/s it implies at cpu_s_block); per method least-squares fits
+log(s/block) = log a + b log(width) of both times and of the memory overhead (b and R^2). CPU time is what the
+projection uses: on a shared machine it is far less inflated by the other jobs than wall time. Then the
 LLaDA-8B projection (DESIGN 5: d_model 4096, 32 layers, 32 heads, MLP 12288) at the paper's calibration size
 (128 x 2048, DESIGN 4.6): per-block time by the fit and by the FLOP ratio, x 32 blocks, converted to one GPU by
 the stated throughput assumption, and memory = one block's weights + the calibration activations + method state.
@@ -307,20 +309,21 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     base = _rss_mb()
     batch = min(int(qcfg.batch_size), args.samples)
     meter = _SavedTensorMeter({batch, args.samples % batch or batch}, args.seq_len)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     if method == "flatquant":
         with torch.autograd.graph.saved_tensors_hooks(meter.pack, lambda t: t):
             report = quantizer.quantize(model, calib)
     else:
         report = quantizer.quantize(model, calib)
-    total = time.perf_counter() - t0
+    total, cpu = time.perf_counter() - t0, time.process_time() - c0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     per_block = statistics.median(b["time_s"] for b in report["blocks"])
     flops = calibration_flops(method, shape, args.samples, args.seq_len, args.epochs)
     row: dict[str, Any] = {
         "method": method, "width": width, "depth": depth, "heads": shape.n_heads, "mlp": shape.intermediate,
-        "block_params": shape.params, "s_block": per_block, "s_total": total, "peak_mb": peak, "base_mb": base,
-        "overhead_mb": peak - base, "flops_block": flops, "gflops": flops / per_block / 1e9,
+        "block_params": shape.params, "s_block": per_block, "cpu_s_block": cpu / depth, "s_total": total,
+        "peak_mb": peak, "base_mb": base, "overhead_mb": peak - base, "flops_block": flops,
+        "gflops": flops / (cpu / depth) / 1e9,
         "threads": torch.get_num_threads()}
     if method == "quarot":
         row["rotate_s"] = report["rotation"]["rotate_s"]
@@ -356,8 +359,8 @@ def _duration(s: float) -> str:
 
 
 def report(rows: list[dict[str, Any]], args: argparse.Namespace, paper_epochs: int) -> None:
-    keys = ["method", "width", "depth", "heads", "mlp", "block_params", "s_block", "peak_mb", "overhead_mb",
-            "flops_block", "gflops"]
+    keys = ["method", "width", "depth", "heads", "mlp", "block_params", "s_block", "cpu_s_block", "peak_mb",
+            "overhead_mb", "flops_block", "gflops"]
     print(f"\nthreads={args.threads}, calibration {args.samples} x {args.seq_len} random tokens, FlatQuant epochs "
           f"{args.epochs}, head_dim {args.head_dim}, MLP = {args.mlp_ratio} x width\n")
     print("| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
@@ -370,18 +373,19 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace, paper_epochs: i
 
     gpu = GPUAssumption(peak_tflops=args.gpu_tflops, utilisation=args.gpu_util)
     print("\n## Growth with the width (log-log least squares over the base-depth rows)\n")
-    print("| method | s/block ~ width^b | R^2 | overhead MB ~ width^b | R^2 | s/block vs depth |\n"
-          "|---|---|---|---|---|---|")
+    print("| method | wall s/block ~ width^b | R^2 | CPU s/block ~ width^b | R^2 | overhead MB ~ width^b | R^2 | "
+          "CPU s/block vs depth |\n|---|---|---|---|---|---|---|---|")
     fits: dict[str, tuple[float, float]] = {}
     for m in args.methods:
         mine = [r for r in rows if r["method"] == m and r["depth"] == args.base_depth]
-        by_depth = sorted((r["depth"], r["s_block"]) for r in rows
+        by_depth = sorted((r["depth"], r["cpu_s_block"]) for r in rows
                           if r["method"] == m and r["width"] == args.depth_width)
         depth_txt = ", ".join(f"d{d}: {s:.3g}" for d, s in by_depth) if len(by_depth) > 1 else "-"
         if len({r["width"] for r in mine}) < 2:
-            print(f"| {m} | - | - | - | - | {depth_txt} |")
+            print(f"| {m} | - | - | - | - | - | - | {depth_txt} |")
             continue
-        a, b, r2 = power_law_fit([r["width"] for r in mine], [r["s_block"] for r in mine])
+        _, wb, wr2 = power_law_fit([r["width"] for r in mine], [r["s_block"] for r in mine])
+        a, b, r2 = power_law_fit([r["width"] for r in mine], [r["cpu_s_block"] for r in mine])
         fits[m] = (a, b)
         mem = [r for r in mine if r["overhead_mb"] > 0]
         if len({r["width"] for r in mem}) >= 2:
@@ -389,7 +393,7 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace, paper_epochs: i
             mem_txt = f"{mb:.2f} | {mr2:.3f}"
         else:
             mem_txt = "- | -"
-        print(f"| {m} | {b:.2f} | {r2:.3f} | {mem_txt} | {depth_txt} |")
+        print(f"| {m} | {wb:.2f} | {wr2:.3f} | {b:.2f} | {r2:.3f} | {mem_txt} | {depth_txt} |")
 
     paper = (args.paper_samples, args.paper_seq_len)
     print(f"\n## PROJECTION (not a measurement): LLaDA-8B, d_model {LLADA_8B.d_model}, {LLADA_8B_LAYERS} blocks, "
