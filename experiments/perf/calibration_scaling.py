@@ -351,7 +351,7 @@ def _fmt(v: Any) -> str:
 
 
 def _gb(n: float) -> str:
-    return f"{n / 2**30:.2f} GB"
+    return f"{n / 2**30:.2f} GiB"
 
 
 def _duration(s: float) -> str:
