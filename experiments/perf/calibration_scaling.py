@@ -223,7 +223,7 @@ def flatquant_trainable(shape: BlockShape) -> int:
     with torch.device("meta"):
         block = build_model(cfg).blocks[0]
     fb = FlatBlock(block, FlatBlockSpec(QuantSpec(4), QuantSpec(4), QuantSpec(16), init="identity"))
-    return sum(p.numel() for p in fb.transform_parameters() + fb.clip_parameters())
+    return sum(p.numel() for group in fb.parameter_groups(lr=1.0, clip_lr=1.0) for p in group["params"])
 
 
 # ---- one configuration (child process) ------------------------------------------------------------------------
