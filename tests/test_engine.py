@@ -245,3 +245,17 @@ def test_weight_only_is_identity_follows_the_bit_settings(tiny_llada):
     assert not weight_only_is_identity(model.blocks[1])
     with weight_only(model.blocks[1]):
         assert weight_only_is_identity(model.blocks[1])
+
+
+@pytest.mark.parametrize("name", ["gptq", "awq", "smoothquant", "quarot", "flatquant", "duquant"])
+def test_every_layerwise_method_refuses_a_group_size_that_does_not_divide(tiny_llada, name):
+    """One check (LayerwiseMethod.setup) for every method, before any weight changes."""
+    from fair_calib.registry import build
+
+    quantizer = build("quantizer", {"name": name, "w_granularity": "group", "group_size": 40, "progress": False})
+    model = copy.deepcopy(tiny_llada)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ConfigError, match=rf"quantizer={name}: group_size=40 does not divide the input sizes"):
+        quantizer.quantize(model, _calib(model.tokenizer), None)
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)

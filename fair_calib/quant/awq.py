@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from fair_calib.models.block import INPUT_TAP, LINEAR_ROLES, tap_readers
 from fair_calib.models.dllm import DiffusionLM
-from fair_calib.quant.engine import BlockContext, Collector, LayerwiseMethod, check_group_size, freeze_linears
+from fair_calib.quant.engine import BlockContext, Collector, LayerwiseMethod, freeze_linears
 from fair_calib.quant.grids import QuantSpec, fake_quant_weight
 from fair_calib.quant.smoothquant import fold_linear_scale, fold_norm_scale
 from fair_calib.registry import ConfigError, register
@@ -205,7 +205,6 @@ class AWQ(LayerwiseMethod):
         self._cache: dict[str, list[Tensor]] = {}
 
     def prepare_model(self, model: DiffusionLM, calib: Any) -> None:
-        check_group_size(model, self.bits.weight_spec(), self.name)
         super().prepare_model(model, calib)
 
     def collect(self, block: nn.Module, ctx: BlockContext) -> dict[str, Collector]:

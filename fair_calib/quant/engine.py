@@ -3,7 +3,8 @@
 Protocol (llm-compressor's split between the pipeline and the modifiers). A method subclasses
 `LayerwiseMethod` and implements a few hooks; `LayerwiseMethod.quantize` calls `run_layerwise`:
 
-    method.prepare_model(model, calib)         once: wrap linears in QLinear, global transforms, KV quantizers
+    method.setup(model, calib)                 once: the group-size check, then method.prepare_model: wrap linears
+                                               in QLinear, global transforms, KV quantizers
     capture                                    embeddings of the whole calibration set -> CPU (or disk) store
     for each block l, in order:
         move block l (only it) to the compute device
@@ -334,6 +335,12 @@ class LayerwiseMethod(Quantizer):
         self.engine = EngineSettings(propagate or self.default_propagate, int(batch_size), device, offload,
                                      offload_dir, bool(track_fp_stream), bool(progress))
 
+    def setup(self, model: DiffusionLM, calib: Any) -> None:
+        """Before capture, for every method: grouped weights need a group size that divides every block linear's
+        input (one config error before any weight changes), then the method's `prepare_model`."""
+        check_group_size(model, self.bits.weight_spec(), self.name)
+        self.prepare_model(model, calib)
+
     # hooks ---------------------------------------------------------------------------------------
     def prepare_model(self, model: DiffusionLM, calib: Any) -> None:
         """Before capture: wrap every block linear in a QLinear and install K/V quantizers (if kv_bits < 16)."""
@@ -420,7 +427,7 @@ def run_layerwise(model: DiffusionLM, calib: Any, method: LayerwiseMethod,
     was_training = model.training
     model.eval()
 
-    method.prepare_model(model, calib)
+    method.setup(model, calib)
     inputs = capture_block_inputs(model, calib, settings)
     fp_out = HiddenStore(inputs.shape, inputs.dtype, settings.offload, settings.offload_dir)
     fp_stream = None

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from fair_calib.models.block import DLLMBlock
 from fair_calib.models.dllm import DiffusionLM
-from fair_calib.quant.engine import Batch, BlockContext, Collector, LayerwiseMethod, check_group_size
+from fair_calib.quant.engine import Batch, BlockContext, Collector, LayerwiseMethod
 from fair_calib.quant.flat_block import SCALED_TAPS, FlatBlock, FlatBlockSpec, weighted_token_mse
 from fair_calib.registry import ConfigError, register
 
@@ -234,7 +234,6 @@ class FlatQuant(LayerwiseMethod):
 
     def prepare_model(self, model: DiffusionLM, calib: Any) -> None:
         """Nothing global: each block is wrapped when it is calibrated (its linears stay FP for the FP pass)."""
-        check_group_size(model, self.spec.w_spec, self.name)
 
     def collect(self, block: nn.Module, ctx: BlockContext) -> dict[str, Collector]:
         self._stats = {point: _AbsMax() for point in SCALED_TAPS}

@@ -33,7 +33,7 @@ from fair_calib.errors import ComputationError, NonFiniteWeightError
 from fair_calib.models.block import INPUT_TAP, LINEAR_ROLES, tap_readers
 from fair_calib.models.dllm import DiffusionLM
 from fair_calib.quant.base import check_type
-from fair_calib.quant.engine import BlockContext, Collector, LayerwiseMethod, check_group_size, write_quantized_weight
+from fair_calib.quant.engine import BlockContext, Collector, LayerwiseMethod, write_quantized_weight
 from fair_calib.quant.grids import QuantSpec, fake_quant_weight, quant_dequant, weight_scale_zero
 from fair_calib.registry import ConfigError, register
 
@@ -336,7 +336,6 @@ class GPTQ(LayerwiseMethod):
         return SEQUENTIAL_GROUPS if self.true_sequential else (LINEAR_ROLES,)
 
     def prepare_model(self, model: DiffusionLM, calib: Any) -> None:
-        check_group_size(model, self.bits.weight_spec(), self.name)
         super().prepare_model(model, calib)
 
     def _collectors(self, block: nn.Module, roles: tuple[str, ...], device: torch.device) -> dict[str, Collector]:

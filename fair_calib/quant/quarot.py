@@ -17,7 +17,6 @@ from typing import Any
 from torch import Tensor, nn
 
 from fair_calib.models.dllm import DiffusionLM
-from fair_calib.quant.engine import check_group_size
 from fair_calib.quant.gptq import GPTQ
 from fair_calib.quant.grids import QuantSpec
 from fair_calib.quant.qlinear import ActQuantizer, set_quant_enabled, wrap_block_linears
@@ -79,7 +78,6 @@ class QuaRot(GPTQ):
 
     def prepare_model(self, model: DiffusionLM, calib: Any) -> None:
         """Engine hook: rotate, wrap the block linears (A per token, clip 0.9), install the K/V quantizers."""
-        check_group_size(model, self.bits.weight_spec(), self.name)
         self._rotation = self.rotate(model)
         wrap_block_linears(model, self.bits.weight_spec(), self.bits.act_spec())
         self._rotation["kv_quantized_blocks"] = install_quarot_kv_quantizers(model, self.bits.kv_spec())
@@ -91,7 +89,7 @@ class QuaRot(GPTQ):
         if self.requires_calibration:
             return super().quantize(model, calib, token_weights)
         t0 = time.perf_counter()
-        self.prepare_model(model, calib)
+        self.setup(model, calib)
         layers = [q for block in model.blocks for q in block.linears().values()]
         for q in layers:
             q.freeze()

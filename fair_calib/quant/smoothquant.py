@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from fair_calib.models.block import NORM_BEFORE, tap_readers
 from fair_calib.models.dllm import DiffusionLM
-from fair_calib.quant.engine import BlockContext, Collector, LayerwiseMethod, check_group_size, freeze_linears
+from fair_calib.quant.engine import BlockContext, Collector, LayerwiseMethod, freeze_linears
 from fair_calib.registry import ConfigError, register
 
 # (norm role, linears after it, the role whose input is recorded)
@@ -88,7 +88,6 @@ class SmoothQuant(LayerwiseMethod):
         self._stats: dict[str, AbsMax] = {}
 
     def prepare_model(self, model: DiffusionLM, calib: Any) -> None:
-        check_group_size(model, self.bits.weight_spec(), self.name)
         super().prepare_model(model, calib)
 
     def collect(self, block: nn.Module, ctx: BlockContext) -> dict[str, Collector]:
