@@ -175,8 +175,7 @@ class Pipeline:
         self._check_method()
         self.sampler = build("decoding", cfg.decoding)
         self.benchmark = build("benchmark", cfg.benchmark)
-        if hasattr(self.benchmark, "validate_sampler"):
-            self.benchmark.validate_sampler(self.sampler)
+        self.benchmark.validate_sampler(self.sampler)
         self.prior_probe = build("prior", cfg.prior)
         self.weighting = build("weighting", cfg.weighting)
         self.logger = build("logger", cfg.logger)
@@ -274,7 +273,7 @@ class Pipeline:
     def _evaluate(self, model, tag: str, label: str = "") -> tuple[dict[str, dict[str, float]], Scores]:
         """(metrics, per-document scores) of one model; the per-sample records go to samples/<tag>.json."""
         metrics = self.benchmark.evaluate(model, self.sampler, seed=self.eval_seed, label=label)
-        samples = getattr(self.benchmark, "last_samples", None) or {}
+        samples = self.benchmark.last_samples
         if samples:
             write_json_atomic(self.run_dir / "samples" / f"{tag}.json", samples)
         return metrics, task_scores(samples, self.benchmark.score_keys())
@@ -301,7 +300,7 @@ class Pipeline:
         def compute() -> dict[str, Any]:
             metrics = self._evaluate_column(label, build_model() if build_model else fp_model, tag)
             return {"metrics": metrics, "scores": self.scores[label], "method": method,
-                    "samples": getattr(self.benchmark, "last_samples", None) or {}}
+                    "samples": self.benchmark.last_samples}
 
         entry, hit = cache.get(key, compute, read_eval_entry, lambda e, tmp: write_json_atomic(tmp, e), label=tag)
         self.scores[label] = entry["scores"]
@@ -415,7 +414,7 @@ class Pipeline:
             if prior is not None and hasattr(self.weighting, "position_weight"):
                 position_weight = self.weighting.position_weight(prior)
             sampler = self.sampler
-            if cfg.diagnostics.get("gen_length") is None and hasattr(self.benchmark, "diagnostic_sampler"):
+            if cfg.diagnostics.get("gen_length") is None:
                 sampler = self.benchmark.diagnostic_sampler(self.sampler)
             diag = self._timed("diagnostics_s", run_diagnostics, fp, qmodel, self.diagnostic_prompts,
                                sampler, self.run_dir / "diagnostics", position_weight=position_weight,
@@ -439,10 +438,7 @@ class Pipeline:
         return self._finish(metrics, report, diag)
 
     def _diagnostic_prompts(self) -> list[str]:
-        prompts = getattr(self.benchmark, "diagnostic_prompts", None)
-        if prompts is None:
-            raise RuntimeError("the benchmark provides no prompts for the diagnostics; set diagnostics.enabled=false")
-        return prompts(int(self.cfg.diagnostics.n_prompts))
+        return self.benchmark.diagnostic_prompts(int(self.cfg.diagnostics.n_prompts))
 
     def _finish(self, metrics, report, diag: DiagnosticsResult | None) -> dict[str, Any]:
         quant_key = self.method_label if self.method_label in metrics else "FP"

@@ -185,3 +185,35 @@ def test_lm_eval_git_lookup_is_silent_outside_a_checkout(tmp_path, monkeypatch, 
         assert evaluator_module.get_git_commit_hash() is None
     assert evaluator_module.get_git_commit_hash is original
     assert "fatal" not in capfd.readouterr().err
+
+
+def test_both_benchmarks_implement_the_one_contract():
+    from fair_calib.benchmark.base import Benchmark
+    from fair_calib.benchmark.harness import HarnessBenchmark
+
+    assert issubclass(TinyBenchmark, Benchmark) and issubclass(HarnessBenchmark, Benchmark)
+    assert not getattr(TinyBenchmark, "__abstractmethods__", None)
+    assert not getattr(HarnessBenchmark, "__abstractmethods__", None)
+
+    class NoPrompts(Benchmark):  # the defaults: no diagnostic prompts (a one-line error), the run's sampler
+        last_samples = {}
+
+        def evaluate(self, model, sampler, seed=0, limit=None, label=""):
+            return {}
+
+        def headline(self):
+            return {}
+
+        def score_keys(self):
+            return {}
+
+        def task_names(self):
+            return []
+
+        def validate_sampler(self, sampler):
+            return None
+
+    with pytest.raises(ConfigError, match="provides no prompts for the diagnostics; set diagnostics.enabled=false"):
+        NoPrompts().diagnostic_prompts(4)
+    sampler = LLaDASampler()
+    assert NoPrompts().diagnostic_sampler(sampler) is sampler

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from fair_calib.benchmark.base import Benchmark
 from fair_calib.benchmark.families import model_family, resolve_cfg_scale
 from fair_calib.benchmark.lm import DiffusionEvalLM, check_estimator
 from fair_calib.benchmark.tiny import metric_values, quiet_lm_eval
@@ -288,7 +289,7 @@ def sample_record(sample: Mapping[str, Any]) -> dict[str, Any]:
 
 # ---- the benchmark -----------------------------------------------------------------------------
 @register("benchmark", "lm_eval")
-class HarnessBenchmark:
+class HarnessBenchmark(Benchmark):
     """lm-eval tasks by name, one `simple_evaluate` per task with that task's wrapper settings."""
 
     def __init__(self, tasks: Mapping[str, Mapping[str, Any]], limit: int | float | None = None,

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from fair_calib.benchmark.base import Benchmark
 from fair_calib.benchmark.lm import DiffusionEvalLM, check_estimator
 from fair_calib.benchmark.tinyreason_tasks import LM_EVAL_NAME, TASKS_DIR, available, read_rows
 from fair_calib.data.tinyreason import TASKS
@@ -110,7 +111,7 @@ def sample_record(sample: Mapping[str, Any]) -> dict[str, Any]:
 
 
 @register("benchmark", "tiny")
-class TinyBenchmark:
+class TinyBenchmark(Benchmark):
     """tinyreason addition / word_problems / compare through lm-eval; `evaluate` returns {task: {metric: value}}."""
 
     def __init__(self, tasks: list[str] | tuple[str, ...] = TASKS, n: Mapping[str, int] | int | None = None,
