@@ -209,7 +209,6 @@ def teacher_canvases(model: Any, prompt_ids: list[list[int]], windows: list[int]
     """
     from fair_calib.diagnostics.trajectory import teacher_trajectory
 
-    mask_id = mask_id_of(model)
     groups: dict[int, tuple[Any, list[int]]] = {}
     for row, window in enumerate(windows):
         fitted, g = sampler.fitted(window)
@@ -219,12 +218,7 @@ def teacher_canvases(model: Any, prompt_ids: list[list[int]], windows: list[int]
         traj = teacher_trajectory(model, [prompt_ids[r] for r in rows], fitted, seed=int(seed), gen_length=g,
                                   batch_size=int(batch_size), cache_dir=cache_dir, force=force,
                                   weights_hash=weights_hash)
-        states = []
-        for trace in traj.traces:
-            still_masked = trace.masked_before()  # (T, B, G)
-            canvas = torch.where(still_masked, torch.full(still_masked.shape, mask_id, dtype=torch.long),
-                                 trace.tokens[None].expand(still_masked.shape))
-            states += list(canvas.unbind(1))
+        states = [s for trace in traj.traces for s in trace.states().unbind(1)]  # (T, G) per row
         for r, state in zip(rows, states):
             canvases[r] = state
     return canvases  # type: ignore[return-value]

@@ -83,9 +83,18 @@ class CommitTrace:
         t = torch.arange(self.num_steps)[:, None, None]
         return (cs[None] >= t) | (cs[None] < 0)
 
+    def states(self, with_prompt: bool = False) -> Tensor:
+        """(T, B, G) every answer state S_t the model saw (committed tokens, the mask id elsewhere); with the prompt
+        in front, (T, B, P + G)."""
+        masked = self.masked_before()
+        answer = torch.where(masked, torch.full_like(masked, self.mask_id, dtype=torch.long), self.tokens[None])
+        if not with_prompt:
+            return answer
+        return torch.cat([self.prompt[None].expand(answer.shape[0], -1, -1), answer], dim=2)
+
     def state(self, t: int) -> Tensor:
         """Answer part of the sequence S_t (B, G) the model saw at step t: committed tokens or the mask id."""
-        return torch.where(self.masked_before()[t], torch.full_like(self.tokens, self.mask_id), self.tokens)
+        return self.states()[t]
 
     def full_state(self, t: int) -> Tensor:
         """Prompt + answer state (B, P + G) at step t."""

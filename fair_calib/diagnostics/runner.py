@@ -130,20 +130,13 @@ def _answer_attention(trace: CommitTrace) -> Tensor:
     return torch.cat([trace.prompt_mask, torch.ones(trace.batch_size, g, dtype=trace.prompt_mask.dtype)], dim=1)
 
 
-def _states(trace: CommitTrace) -> Tensor:
-    """(T, B, P + G) every state S_t of a rollout (prompt + committed tokens, mask id elsewhere)."""
-    masked = trace.masked_before()
-    answer = torch.where(masked, torch.full_like(masked, trace.mask_id, dtype=torch.long), trace.tokens[None])
-    return torch.cat([trace.prompt[None].expand(answer.shape[0], -1, -1), answer], dim=2)
-
-
 def _state_logits(fp_model: DiffusionLM, q_model: DiffusionLM, sampler: Sampler, trace: CommitTrace,
                   need_fp: bool, desc: str) -> Iterator[tuple[int, Tensor, Tensor | None, Tensor]]:
     """For every state S_t of a rollout: (t, quantized policy logits, FP policy logits or None, masked-before
     mask), all on the quantized model's device."""
     p, dev = trace.prompt.shape[1], q_model.device
     attn = _answer_attention(trace).to(dev)
-    states = _states(trace)
+    states = trace.states(with_prompt=True)
     masked_before = trace.masked_before()
     for t in tqdm(range(trace.num_steps), desc=desc, leave=False):
         x = states[t].to(dev)
