@@ -39,6 +39,19 @@ def tiny_config(family: str, **overrides) -> DLLMConfig:
     return DLLMConfig(**kw)
 
 
+def random_calib(n: int = 8, length: int = 24, vocab: int | None = None):
+    """n random calibration rows of `length` ids (half of them end in 4 padding positions): input_ids and
+    attention_mask, the two fields the layer-wise engine reads."""
+    from types import SimpleNamespace
+
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(4, VOCAB if vocab is None else vocab, (n, length), generator=g)
+    mask = torch.ones(n, length, dtype=torch.long)
+    mask[: n // 2, -4:] = 0
+    ids[mask == 0] = 0
+    return SimpleNamespace(input_ids=ids, attention_mask=mask)
+
+
 def make_tiny(family: str, seed: int = 0, **overrides) -> DiffusionLM:
     """Random tiny model with non-trivial norm weights and biases (so every parameter matters in a test)."""
     torch.manual_seed(seed)

@@ -4,11 +4,10 @@ greedy outlier rotation, W4A4 gain over RTN, config errors."""
 from __future__ import annotations
 
 import copy
-from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import VOCAB, make_tiny
+from conftest import VOCAB, make_tiny, random_calib
 
 from fair_calib.models.hf_folder import resolve_model_path
 from fair_calib.models.loading import load_dllm
@@ -31,13 +30,7 @@ IDS = torch.randint(4, VOCAB, (3, 20), generator=torch.Generator().manual_seed(1
 F64 = torch.float64
 
 
-def _calib(n: int = 8, length: int = 24, vocab: int = VOCAB) -> SimpleNamespace:
-    g = torch.Generator().manual_seed(3)
-    ids = torch.randint(4, vocab, (n, length), generator=g)
-    mask = torch.ones(n, length, dtype=torch.long)
-    mask[: n // 2, -4:] = 0
-    ids[mask == 0] = 0
-    return SimpleNamespace(input_ids=ids, attention_mask=mask)
+_calib = random_calib
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import copy
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import VOCAB, make_tiny
+from conftest import VOCAB, make_tiny, random_calib
 from torch import nn
 
 from fair_calib.models.dllm import DiffusionLM
@@ -212,13 +211,7 @@ def test_registry_and_config_errors() -> None:
             make_tiny("llada", d_model=192, n_heads=6, n_kv_heads=6, intermediate_size=384))
 
 
-def _calib(n: int = 8, length: int = 24) -> SimpleNamespace:
-    g = torch.Generator().manual_seed(3)
-    ids = torch.randint(4, VOCAB, (n, length), generator=g)
-    mask = torch.ones(n, length, dtype=torch.long)
-    mask[: n // 2, -4:] = 0
-    ids[mask == 0] = 0
-    return SimpleNamespace(input_ids=ids, attention_mask=mask)
+_calib = random_calib
 
 
 def test_gptq_weights_beat_rtn_weights() -> None:
