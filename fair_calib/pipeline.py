@@ -21,9 +21,11 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from fair_calib import CONF_DIR, VOLATILE_KEYS, stats
+from fair_calib import VOLATILE_KEYS, stats
 from fair_calib.benchmark.families import FAMILY_DEFAULTS
 from fair_calib.benchmark.scores import task_scores
+from fair_calib.compose import method_label as preset_label
+from fair_calib.compose import option_config
 from fair_calib.data.masking import hashed_data_config, masking_spec
 from fair_calib.errors import Interrupted
 from fair_calib.models.hf_folder import resolve_device
@@ -144,16 +146,6 @@ def check_seed(seed: Any, key: str = "seed") -> int:
     return seed
 
 
-def display_name(name: str) -> str:
-    """The table name of a quantizer or method (conf/method/<name>.yaml's label, else the name itself)."""
-    path = CONF_DIR / "method" / f"{name}.yaml"
-    if path.is_file():
-        label = (OmegaConf.load(path).get("method") or {}).get("label")
-        if label:
-            return str(label)
-    return name
-
-
 class Pipeline:
     """Holds the built components of one run; `run()` executes the stages in order."""
 
@@ -187,20 +179,21 @@ class Pipeline:
         self.scores: dict[str, Scores] = {}  # column -> per-document scores (results.json `scores`)
 
     def _baseline_configs(self):
-        """`baselines: [rtn, ...]`: extra quantizers evaluated in the same run at the run's bit settings."""
+        """`baselines: [rtn, ...]`: extra quantizers, each composed as `quantizer=<name>` would be (its `${seed}`,
+        `${cache_dir}`, ... take the run's values), evaluated at the run's bit settings."""
         for name in self.cfg.get("baselines") or []:
-            path = CONF_DIR / "quantizer" / f"{name}.yaml"
-            if not path.is_file():
-                valid = ", ".join(sorted(p.stem for p in path.parent.glob("*.yaml")))
-                raise ConfigError(f"baselines: no quantizer config {name!r}; valid: {valid}")
-            scope = OmegaConf.create(self.plain)  # the run's values resolve the file's ${seed}, ${cache_dir}, ...
-            scope["_baseline"] = OmegaConf.load(path)
+            try:
+                option = option_config("quantizer", str(name))
+            except ConfigError as err:
+                raise ConfigError(f"baselines: {err}") from err
+            scope = OmegaConf.create(self.plain)
+            scope["_baseline"] = option
             c = OmegaConf.to_container(scope["_baseline"], resolve=True)
             for key in BitSettings.__dataclass_fields__:
                 if key in c and key in self.plain["quantizer"]:
                     c[key] = self.plain["quantizer"][key]
             bits = BitSettings(**{k: c[k] for k in BitSettings.__dataclass_fields__ if k in c}).label
-            yield f"{display_name(c['name'])} {bits}", c
+            yield f"{preset_label(c['name'])} {bits}", c
 
     def _check_method(self) -> None:
         """A method preset pins its quantizer: `quantizer=gptq` under `method=fair_calib` is a mistake."""
@@ -253,7 +246,7 @@ class Pipeline:
 
     @property
     def method_label(self) -> str:
-        label = (self.plain.get("method") or {}).get("label") or display_name(str(self.cfg.quantizer.name))
+        label = (self.plain.get("method") or {}).get("label") or preset_label(str(self.cfg.quantizer.name))
         if self.cfg.quantizer.name == "fp":
             return self._export_label or "FP"
         return f"{label} {self.quantizer.label}".strip()
@@ -268,7 +261,7 @@ class Pipeline:
         info = (read_config(path).get("quantization_config") or {}).get("fair_calib") or {}
         if not info:
             return None
-        return f"{display_name(str(info.get('method') or '?'))} {info.get('bits') or ''} (export)".replace("  ", " ")
+        return f"{preset_label(str(info.get('method') or '?'))} {info.get('bits') or ''} (export)".replace("  ", " ")
 
     def _evaluate(self, model, tag: str, label: str = "") -> tuple[dict[str, dict[str, float]], Scores]:
         """(metrics, per-document scores) of one model; the per-sample records go to samples/<tag>.json."""

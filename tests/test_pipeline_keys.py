@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
+from omegaconf import OmegaConf
 from test_config import compose_cfg
 
-from fair_calib.pipeline import Pipeline, display_name, run_key
+from fair_calib.compose import method_label, option_config
+from fair_calib.pipeline import Pipeline, run_key
 from fair_calib.registry import ConfigError
 
 
@@ -29,8 +31,8 @@ def test_run_key_ignores_volatile_keys_only():
 
 
 def test_display_names_and_labels(tmp_path):
-    assert display_name("fair_calib") == "FAIR-Calib" and display_name("smoothquant") == "SmoothQuant"
-    assert display_name("nosuch") == "nosuch"
+    assert method_label("fair_calib") == "FAIR-Calib" and method_label("smoothquant") == "SmoothQuant"
+    assert method_label("flatquant_mcs") == "FlatQuant+MCS" and method_label("nosuch") == "nosuch"
     labels = {}
     for overrides in (("method=gptq",), ("method=fp",), ("experiment=none", "quantizer=awq", "bits=w4a16_g64"),
                       ("method=quarot", "bits=w8a8")):
@@ -62,11 +64,32 @@ def test_finished_results_are_reused_only_for_the_same_config(tmp_path):
 
 
 def test_baseline_configs_resolve_against_the_run(tmp_path):
-    """baselines=[flatquant] reads conf/quantizer/flatquant.yaml, whose `seed: ${seed}` takes the run's seed."""
+    """baselines=[flatquant] is composed as quantizer=flatquant would be: the shared keys its `defaults:` pull in
+    (conf/quantizer/shared) are there, and its `seed: ${seed}` takes the run's seed."""
     p = Pipeline(compose_cfg("method=rtn", "logger=none", "baselines=[flatquant,gptq]", "seed=7",
                              "bits=w8a8"), tmp_path)
-    (label, (cfg, _)), (label2, _) = p.baselines.items()
+    (label, (cfg, _)), (label2, (cfg2, _)) = p.baselines.items()
     assert label == "FlatQuant W8A8" and cfg["seed"] == 7 and label2 == "GPTQ W8A8"
+    assert (cfg["w_bits"], cfg["a_bits"], cfg["offload"], cfg["epochs"]) == (8, 8, "cpu", 15)  # shared + own keys
+    assert (cfg2["blocksize"], cfg2["act_order"], cfg2["propagate"]) == (128, None, "weights")
+    alone = compose_cfg("experiment=none", "quantizer=flatquant", "seed=7")
+    assert cfg == {**OmegaConf.to_container(alone.quantizer, resolve=True), "w_bits": 8, "a_bits": 8}
+
+
+@pytest.mark.parametrize("name", ["rtn", "gptq", "awq", "smoothquant", "quarot", "flatquant", "duquant"])
+def test_every_quantizer_takes_the_shared_bit_and_engine_keys(name):
+    """One file holds the 12 bit keys (and one the 7 engine keys): every quantizer composes them in."""
+    from fair_calib.quant.base import BitSettings
+
+    cfg = option_config("quantizer", name)
+    assert set(BitSettings.__dataclass_fields__) <= set(cfg), name
+    engine = {"propagate", "batch_size", "device", "offload", "offload_dir", "track_fp_stream", "progress"}
+    assert (engine <= set(cfg)) == (name != "rtn"), name
+
+
+def test_unknown_option_names_the_valid_ones():
+    with pytest.raises(ConfigError, match=r"no quantizer config 'nosuch'; valid: awq, duquant, flatquant, fp, gptq"):
+        option_config("quantizer", "nosuch")
 
 
 def test_run_key_without_seed_groups_the_seeds_of_a_row():

@@ -13,9 +13,7 @@ import time
 from dataclasses import fields
 from pathlib import Path
 
-from omegaconf import OmegaConf
-
-from fair_calib import CONF_DIR
+from fair_calib.compose import option_config
 from fair_calib.models.loading import load_dllm
 from fair_calib.registry import build
 from fair_calib.train.tiny import TrainConfig, previous_phases
@@ -61,7 +59,7 @@ def write_card(folder: str | Path, seed: int = 0, threads: int | None = None) ->
         torch.set_num_threads(threads)
     folder = Path(folder)
     model = load_dllm(folder)
-    decoding = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "decoding" / f"{model.config.family}.yaml"))
+    decoding = option_config("decoding", model.config.family)
     sampler = build("decoding", decoding)
     bench = build("benchmark", {"name": "tiny"})
     t0 = time.time()
