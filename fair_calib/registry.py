@@ -14,7 +14,7 @@ from typing import Any
 
 from fair_calib.errors import ConfigError
 
-__all__ = ["ConfigError", "UnknownNameError", "build", "names", "register"]
+__all__ = ["ConfigError", "UnknownNameError", "build", "lookup", "names", "register"]
 
 GROUP_PACKAGES = {
     "model": "fair_calib.models",
@@ -25,6 +25,9 @@ GROUP_PACKAGES = {
     "decoding": "fair_calib.decoding",
     "data": "fair_calib.data",
     "logger": "fair_calib.logger",
+    # not a config group: the module layouts a model folder's quantization_config may name (fair_calib.export
+    # registers the ones it writes); models.validate looks them up by name, so models never imports export
+    "layout": "fair_calib.export",
 }
 
 
@@ -109,6 +112,11 @@ def register(group: str, name: str) -> Callable[[Callable[..., Any]], Callable[.
 
 def build(group: str, cfg: Mapping[str, Any] | str, **kwargs: Any) -> Any:
     return REGISTRIES[group].build(cfg, **kwargs)
+
+
+def lookup(group: str, name: str) -> Callable[..., Any]:
+    """The registered object itself (not built): UnknownNameError with the valid names when there is none."""
+    return REGISTRIES[group].get(name)
 
 
 def names(group: str) -> list[str]:

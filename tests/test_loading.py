@@ -279,6 +279,17 @@ def test_unknown_model_type_without_auto_map(tmp_path: Path) -> None:
         load_dllm(folder)
 
 
+def test_quantized_folder_of_an_unknown_layout_is_refused(tmp_path: Path) -> None:
+    """A quantization_config fair-calib did not write (e.g. AutoGPTQ's) is a one-line error naming the layouts."""
+    save_dllm(make_tiny("llada"), tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "gptq", "bits": 4}
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelLoadError, match=r"quant_method 'gptq' is not a layout fair-calib reads \(valid: "
+                                             r"compressed-tensors, fair_calib\)"):
+        load_dllm(tmp_path / "m")
+
+
 def test_save_refuses_nan_and_leaves_nothing_behind(tmp_path: Path) -> None:
     model = make_tiny("llada")
     with torch.no_grad():

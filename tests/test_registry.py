@@ -103,5 +103,22 @@ def test_double_registration_is_refused() -> None:
 
 def test_every_group_has_a_registry() -> None:
     assert set(registry.GROUP_PACKAGES) == {"model", "quantizer", "prior", "weighting", "benchmark", "decoding",
-                                            "data", "logger"}
+                                            "data", "logger", "layout"}
     assert "dllm" in names("model") and "none" in names("logger")
+    assert names("layout") == ["compressed-tensors", "fair_calib"]  # registered by fair_calib.export
+
+
+def test_models_never_import_export() -> None:
+    """export depends on models, not the reverse: the exported layouts are looked up by name (registry `layout`)."""
+    import ast
+    from pathlib import Path
+
+    import fair_calib.models
+
+    offenders = []
+    for path in Path(fair_calib.models.__file__).parent.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            mods = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                    else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            offenders += [f"{path.name}: {m}" for m in mods if m.startswith("fair_calib.export")]
+    assert offenders == []

@@ -181,10 +181,23 @@ def skeleton(raw: dict[str, Any], cfg: DLLMConfig):
     with torch.device("meta"):
         model = build_model(cfg)
     if "quantization_config" in raw:
-        from fair_calib.export.reload import install_from_config
-
-        install_from_config(model, raw)
+        install_layout(model, raw)
     return model
+
+
+def install_layout(model, raw: dict[str, Any]) -> None:
+    """The runtime modules of the layout config.json's `quantization_config.quant_method` names (registered by
+    fair_calib.export, looked up by name so models never imports export)."""
+    from fair_calib.registry import UnknownNameError, lookup, names
+
+    method = str((raw["quantization_config"] or {}).get("quant_method"))
+    try:
+        install = lookup("layout", method)
+    except UnknownNameError as err:
+        raise ModelLoadError(f"quantization_config.quant_method {method!r} is not a layout fair-calib reads (valid: "
+                             f"{', '.join(names('layout'))}); load the FP model, or a folder written by "
+                             "save_quantized=true") from err
+    install(model, raw)
 
 
 def expected_tensors(raw: dict[str, Any], cfg: DLLMConfig) -> dict[str, tuple[int, ...]]:
