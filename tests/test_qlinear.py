@@ -79,21 +79,6 @@ def test_learnable_clipping_gets_gradients() -> None:
     assert q.weight.grad is not None  # straight-through: the weight is trainable too
 
 
-def test_input_transform_with_compensated_weight_equals_fp() -> None:
-    """FlatQuant's debug invariant: x -> xQ online and W -> WQ offline give the FP output when quantizers are off."""
-    lin = _linear()
-    x = torch.randn(5, 16)
-    ref = lin(x)
-    rot, _ = torch.linalg.qr(torch.randn(16, 16, dtype=torch.float64))
-    transform = nn.Linear(16, 16, bias=False)
-    transform.weight.data = rot.T.float()  # transform(x) = x @ Q
-    lin.weight.data = (lin.weight.double() @ rot).float()
-    q = QLinear(lin, W4, A4)
-    q.input_transform = transform
-    q.quant_enabled = False
-    torch.testing.assert_close(q(x), ref, rtol=1e-5, atol=1e-5)
-
-
 def test_freeze_keeps_the_output() -> None:
     q = QLinear(_linear(), W4, A4, name="blocks.0.q")
     q.weight_clip_logit = nn.Parameter(torch.full((8, 1), 1.0))

@@ -48,8 +48,6 @@ def describe_linear(q: nn.Module, where: str) -> dict[str, Any]:
         raise ExportError(f"{where} is a {type(q).__name__}, not a quantized linear: quantize the model before export")
     if not q.quant_enabled:
         raise ExportError(f"{where}: its quantizers are switched off (set_quant_enabled(model, True) first)")
-    if q.input_transform is not None:
-        raise ExportError(f"{where}: an input_transform on the linear is not exportable; put online ops in the taps")
     if isinstance(q, FlatLinear) and not q.merged:
         raise ExportError(f"{where}: FlatQuant transform not merged; finalize the block before export")
     w, a = q.w_spec, q.a_spec

@@ -95,8 +95,6 @@ class FlatLinear(QLinear):
         return fake_quant_weight_clip_pair(w, self.w_spec, None, None)
 
     def quantize_input(self, x: Tensor) -> Tensor:
-        if self.input_transform is not None:
-            x = self.input_transform(x)
         if self.quant_enabled and self.a_spec.enabled:
             x = fake_quant_clip_pair(x, self.a_spec, self.act_clip_logit_lo, self.act_clip_logit).to(x.dtype)
         return x

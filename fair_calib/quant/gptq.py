@@ -31,7 +31,6 @@ from torch import Tensor, nn
 
 from fair_calib.errors import ComputationError, NonFiniteWeightError
 from fair_calib.models.block import INPUT_TAP, LINEAR_ROLES, tap_readers
-from fair_calib.models.dllm import DiffusionLM
 from fair_calib.quant.base import check_type
 from fair_calib.quant.engine import BlockContext, Collector, LayerwiseMethod, write_quantized_weight
 from fair_calib.quant.grids import QuantSpec, fake_quant_weight, quant_dequant, weight_scale_zero
@@ -335,15 +334,12 @@ class GPTQ(LayerwiseMethod):
     def groups(self) -> tuple[tuple[str, ...], ...]:
         return SEQUENTIAL_GROUPS if self.true_sequential else (LINEAR_ROLES,)
 
-    def prepare_model(self, model: DiffusionLM, calib: Any) -> None:
-        super().prepare_model(model, calib)
-
     def _collectors(self, block: nn.Module, roles: tuple[str, ...], device: torch.device) -> dict[str, Collector]:
-        """One Hessian per distinct input (source tap, input transform); roles reading the same input share it."""
+        """One Hessian per distinct input (source tap); roles reading the same input share it."""
         self._hessians, shared, collectors = {}, {}, {}
         for role in roles:
             lin = block.role(role)
-            key = (INPUT_TAP[role], id(getattr(lin, "input_transform", None)))
+            key = INPUT_TAP[role]
             if key not in shared:
                 shared[key] = HessianAccumulator(lin.in_features, device)
                 collectors[role] = shared[key].add

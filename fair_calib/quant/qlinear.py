@@ -12,10 +12,8 @@ from fair_calib.quant.grids import QuantSpec, fake_quant_lastdim, fake_quant_wei
 
 
 class QLinear(nn.Module):
-    """y = Q_a(T(x)) @ Q_w(W)^T + b.
+    """y = Q_a(x) @ Q_w(W)^T + b (online transforms of the input live in the block taps, not here).
 
-    - `input_transform` T: an online module applied to the input before quantization (FlatQuant
-      transform, online Hadamard); None = identity.
     - `act_clip_logit`: learnable activation clipping, ratio = sigmoid(logit) (FlatQuant); when None,
       `a_spec.clip_ratio` is used (QuaRot's fixed 0.9).
     - `weight_clip_logit` (out, 1): learnable per-output-channel weight clipping.
@@ -29,7 +27,6 @@ class QLinear(nn.Module):
         self.bias = linear.bias
         self.w_spec, self.a_spec = w_spec, a_spec
         self.name = name
-        self.input_transform: nn.Module | None = None
         self.act_clip_logit: nn.Parameter | None = None
         self.weight_clip_logit: nn.Parameter | None = None
         self.quant_enabled = True
@@ -51,8 +48,6 @@ class QLinear(nn.Module):
         return fake_quant_weight(self.weight, self.w_spec, self.weight_clip())
 
     def quantize_input(self, x: Tensor) -> Tensor:
-        if self.input_transform is not None:
-            x = self.input_transform(x)
         if self.quant_enabled and self.a_spec.enabled:
             x = fake_quant_lastdim(x, self.a_spec, self.act_clip())
         return x
