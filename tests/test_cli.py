@@ -214,6 +214,24 @@ def test_cold_and_warm_caches_give_identical_results(model_dir, tmp_path):
     assert b["summary"]["diag/teacher_cache_hit"] == 1.0
 
 
+def test_uniform_weighting_ignores_the_prior_fair_calib_uniform_is_flatquant(model_dir, tmp_path):
+    """weighting=uniform under method=fair_calib runs the Stage I probe but must calibrate exactly as
+    method=flatquant (the probe draws from its own generator): the report's ablation uses the FlatQuant
+    runs as its uniform row on this ground."""
+    args = [f"model.path={model_dir}", "logger=none", "experiment=none", "baselines=[]", "compare_fp=false",
+            "diagnostics.enabled=false", *SMALL_BENCH, *SMALL_FAIR]
+    no_prior = [a for a in args if not a.startswith("prior.")]  # method=flatquant has prior=none
+    flat = run_cli([*no_prior, "method=flatquant", "hydra.run.dir=flat"], tmp_path, tmp_path / "cache")
+    uni = run_cli([*args, "method=fair_calib", "weighting=uniform", "hydra.run.dir=uni"], tmp_path, tmp_path / "cache")
+    assert flat.returncode == 0 and uni.returncode == 0, uni.stderr[-2000:]
+    a, b = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("flat", "uni"))
+    assert "prior_s" in b["timings"] and "prior_s" not in a["timings"]  # the probe ran in the uniform run only
+    scores = lambda d: {k.split(" ")[-1]: v for k, v in d["scores"].items()}  # noqa: E731 - labels differ
+    assert scores(a) == scores(b) and list(a["metrics"].values()) == list(b["metrics"].values())
+    untimed = lambda d: {k: v for k, v in d.items() if not k.endswith("time_s")}  # noqa: E731
+    assert [untimed(x) for x in a["calibration"]["blocks"]] == [untimed(x) for x in b["calibration"]["blocks"]]
+
+
 def test_sigterm_stops_a_sweep_and_marks_the_interrupted_job(model_dir, tmp_path):
     """Hydra's job runner catches a job's exceptions and goes on; an interrupt must end the whole sweep."""
     import signal
