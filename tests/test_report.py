@@ -103,11 +103,25 @@ def test_ablation_and_probe_budget_tables(tmp_path):
     report, files = build_report(collect_runs([root]), tmp_path / "out")
     sections = dict(report.sections)
     (abl,) = sections["Weighting ablation (FAIR-Calib)"]
-    assert [label for label, _ in abl.rows] == ["uniform / early", "fair / early", "fair / late"]
+    assert [label for label, _ in abl.rows] == ["uniform (= FlatQuant)", "fair / early", "fair / late"]
     assert [number(v) for v in abl.rows[1][1]] == pytest.approx([70.0, 70.0, 70.0, 70.0, 1])
     (probe,) = sections["Probe budget"]
     assert number(probe.column("Avg")[1]) == pytest.approx(100 * (0.5 + 0.5 + 0.6) / 3)
     assert (tmp_path / "out" / "ablation.png").is_file() and (tmp_path / "out" / "probe_budget.png").is_file()
+
+
+def test_flatquant_runs_are_the_ablations_uniform_row(tmp_path):
+    """A sweep of FlatQuant and FAIR-Calib weightings (paper_main + paper_ablation): FlatQuant's runs are the uniform
+    row (FAIR-Calib with uniform weights calibrates exactly as FlatQuant), first, the row the others are compared to."""
+    root = tmp_path / "abl"
+    write_run(root, "f", "m", "FlatQuant W4A4", "flatquant", _metrics(0.6, 0.6, 0.6))
+    for i, (w, s, acc) in enumerate([("fair", "late", 0.7), ("frontier", "early", 0.8)]):
+        write_run(root, str(i), "m", "FAIR-Calib W4A4", "fair_calib", _metrics(acc, acc, acc), weighting=w, schedule=s)
+    write_run(root, "r", "m", "RTN W4A4", "rtn", _metrics(0.1, 0.1, 0.1))
+    report, _ = build_report(collect_runs([root]), tmp_path / "out")
+    (abl,) = dict(report.sections)["Weighting ablation (FAIR-Calib)"]
+    assert [label for label, _ in abl.rows] == ["uniform (= FlatQuant)", "frontier / early", "fair / late"]
+    assert [number(v) for v in abl.rows[0][1][:4]] == pytest.approx([60.0, 60.0, 60.0, 60.0])
 
 
 def test_ablation_rows_follow_the_paper_order_and_diagnostics_split_by_setting(tmp_path):
@@ -118,7 +132,8 @@ def test_ablation_rows_follow_the_paper_order_and_diagnostics_split_by_setting(t
     report, _ = build_report(collect_runs([root]), tmp_path / "out")
     sections = dict(report.sections)
     (abl,) = sections["Weighting ablation (FAIR-Calib)"]
-    assert [label for label, _ in abl.rows] == ["uniform / early", "frontier / early", "fair / early", "fair / late"]
+    assert [label for label, _ in abl.rows] == ["uniform (= FlatQuant)", "frontier / early", "fair / early",
+                                                 "fair / late"]
     (diag,) = sections["Frontier diagnostics"]
     assert dict(diag.rows)["FAIR-Calib W4A4 (fair / late)"] == [0.0]
     assert len(diag.rows) == 4

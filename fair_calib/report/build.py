@@ -77,6 +77,18 @@ WEIGHTING_ORDER = ("uniform", "frontier", "reliability", "fair")
 SCHEDULE_ORDER = ("early", "flat", "late")
 
 
+def _ablation_row(r: RunRecord) -> bool:
+    """FAIR-Calib runs, and FlatQuant's as the uniform row: weighting=uniform ignores the prior, so FAIR-Calib
+    with uniform weights calibrates exactly as FlatQuant (tests/test_cli.py checks it) and a sweep with both
+    needs no uniform jobs of its own."""
+    return r.method_name == "fair_calib" or (r.method_name == "flatquant" and r.weighting == "uniform")
+
+
+def _ablation_label(r: RunRecord) -> str:
+    """'uniform' for every uniform run (the schedule changes nothing there), else 'weighting / schedule'."""
+    return "uniform (= FlatQuant)" if r.weighting == "uniform" else f"{r.weighting} / {r.schedule}"
+
+
 def _ablation_order(r: RunRecord) -> tuple[int, int]:
     w = WEIGHTING_ORDER.index(r.weighting) if r.weighting in WEIGHTING_ORDER else len(WEIGHTING_ORDER)
     s = SCHEDULE_ORDER.index(r.schedule) if r.schedule in SCHEDULE_ORDER else len(SCHEDULE_ORDER)
@@ -99,8 +111,8 @@ def build_report(records: Sequence[RunRecord], out_dir: str | Path,
     if likelihood:
         report.sections.append(("Answer log-likelihood (continuous metric)", likelihood))
     if _varies(ok, "weighting") or _varies(ok, "schedule"):
-        fair = sorted((r for r in ok if r.method_name == "fair_calib"), key=_ablation_order)
-        knob = lambda r: f"{r.weighting} / {r.schedule}"  # noqa: E731
+        fair = sorted((r for r in ok if _ablation_row(r)), key=_ablation_order)
+        knob = _ablation_label
         tables = knob_tables(fair, knob, "weighting ablation", "weighting / schedule")
         report.sections.append(("Weighting ablation (FAIR-Calib)", tables))
         ll = [t for t in knob_tables(fair, knob, "weighting ablation", "weighting / schedule", ANSWER_LL) if t.rows]
