@@ -370,7 +370,7 @@ CLI_CASES = {
                                    "prior.window=100000 exceeds benchmark.max_length=4096"),
     "zero_batch": (lambda tmp, good: "benchmark.batch_size=0", "benchmark.batch_size=0: must be a positive integer"),
     "too_many_diagnostic_prompts": (lambda tmp, good: "diagnostics.n_prompts=100000",
-                                    "diagnostics.n_prompts=100000: only 1000 word_problems test prompts"),
+                                    "diagnostics.n_prompts=100000: only 1000 documents in tinyreason_word_problems"),
     "negative_eval_seed": (lambda tmp, good: "eval_seed=-1", "eval_seed=-1: the seed must be a non-negative integer"),
 }
 

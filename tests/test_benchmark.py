@@ -1,4 +1,5 @@
-"""benchmark=tiny: shipped task files, exact-match scoring, and lm-eval's simple_evaluate end to end."""
+"""benchmark=tiny: shipped task files, exact-match scoring, lm-eval's simple_evaluate end to end, and the tiny
+configuration as the harness over the tinyreason task folder (one evaluation path)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,12 @@ import torch
 from conftest import EOT_ID, VOCAB, make_tiny, tiny_config
 from torch import nn
 
+from fair_calib.benchmark.harness import HarnessBenchmark, metric_values, quiet_lm_eval
 from fair_calib.benchmark.lm import DiffusionEvalLM
-from fair_calib.benchmark.tiny import TinyBenchmark, metric_values
+from fair_calib.benchmark.tiny import tiny_benchmark
 from fair_calib.benchmark.tinyreason_tasks import (
     SHIPPED_N,
+    TASK_FOLDER,
     TASKS_DIR,
     exact_match,
     expected_rows,
@@ -116,7 +119,7 @@ def test_simple_evaluate_end_to_end():
 def test_tiny_benchmark_evaluate_and_records():
     bench = build("benchmark", {"name": "tiny", "n": {"addition": 4, "word_problems": 2, "compare": 3},
                                 "mc_num": 2, "show_progress": False})
-    assert isinstance(bench, TinyBenchmark)
+    assert isinstance(bench, HarnessBenchmark)
     metrics = bench.evaluate(make_tiny("dream"), DreamSampler(gen_length=64, steps=64), seed=0)
     assert list(metrics) == NAMES
     assert set(metrics["tinyreason_compare"]) == {"acc", "answer_ll"}
@@ -132,7 +135,7 @@ def test_tiny_benchmark_evaluate_and_records():
         assert all(v < 0 for v in lls)
         assert metrics[name]["answer_ll"] == pytest.approx(sum(lls) / len(lls))
     assert bench.score_keys()["tinyreason_addition"] == ["exact_match", "answer_ll"]
-    off = TinyBenchmark(n={"addition": 2, "word_problems": 2, "compare": 2}, mc_num=2, show_progress=False,
+    off = tiny_benchmark(n={"addition": 2, "word_problems": 2, "compare": 2}, mc_num=2, show_progress=False,
                         likelihood=False)
     plain = off.evaluate(make_tiny("dream"), DreamSampler(gen_length=64, steps=64), seed=0)
     assert set(plain["tinyreason_compare"]) == {"acc"} and set(plain["tinyreason_addition"]) == {"exact_match"}
@@ -141,7 +144,7 @@ def test_tiny_benchmark_evaluate_and_records():
 
 
 def test_oracle_scores_one_through_the_whole_stack():
-    bench = TinyBenchmark(tasks=["addition"], n={"addition": 6}, show_progress=False, batch_size=4, likelihood=False)
+    bench = tiny_benchmark(tasks=["addition"], n={"addition": 6}, show_progress=False, batch_size=4, likelihood=False)
     metrics = bench.evaluate(AdditionOracle(), LLaDASampler(), seed=0)  # default llada config: 8 steps, block 8
     assert metrics == {"tinyreason_addition": {"exact_match": 1.0}}
     assert [r["response"] for r in bench.last_samples["tinyreason_addition"]] == [
@@ -149,7 +152,7 @@ def test_oracle_scores_one_through_the_whole_stack():
 
 
 def test_limit_caps_every_task_and_same_seed_same_metrics():
-    bench = TinyBenchmark(n={"addition": 5, "word_problems": 5, "compare": 5}, mc_num=2, show_progress=False)
+    bench = tiny_benchmark(n={"addition": 5, "word_problems": 5, "compare": 5}, mc_num=2, show_progress=False)
     model, sampler = make_tiny("llada"), LLaDASampler()
     a = bench.evaluate(model, sampler, seed=3, limit=2)
     assert [len(v) for v in bench.last_samples.values()] == [2, 2, 2]
@@ -158,25 +161,79 @@ def test_limit_caps_every_task_and_same_seed_same_metrics():
     assert bench.last_samples == records
 
 
+def counts(bench: HarnessBenchmark) -> dict[str, int]:
+    return {key.removeprefix("tinyreason_"): task.n for key, task in bench.tasks.items()}
+
+
 def test_config_errors_and_pipeline_hooks():
     with pytest.raises(ConfigError, match="valid tinyreason tasks"):
-        TinyBenchmark(tasks=["algebra"])
+        tiny_benchmark(tasks=["algebra"])
     with pytest.raises(ConfigError, match="benchmark.n.compare"):
-        TinyBenchmark(n={"compare": SHIPPED_N + 1})
-    bench = TinyBenchmark()
-    assert bench.n == {"addition": 200, "word_problems": 100, "compare": 200}
-    assert TinyBenchmark(n=4).n == {"addition": 4, "word_problems": 4, "compare": 4}  # benchmark.n=4: every task
+        tiny_benchmark(n={"compare": SHIPPED_N + 1})
+    with pytest.raises(ConfigError, match="benchmark.gen_length.addition must be positive"):
+        tiny_benchmark(gen_length={"addition": 0})
+    with pytest.raises(ConfigError, match="benchmark.diagnostic_task 'algebra': valid addition"):
+        tiny_benchmark(diagnostic_task="algebra")
+    with pytest.raises(ConfigError, match="mc_num=6 must be a multiple of mc_batch_size=4"):
+        tiny_benchmark(estimator="official", mc_num=6, mc_batch_size=4)
+    bench = tiny_benchmark()
+    assert counts(bench) == {"addition": 200, "word_problems": 100, "compare": 200}
+    assert counts(tiny_benchmark(n=4)) == {"addition": 4, "word_problems": 4, "compare": 4}  # benchmark.n=4
     with pytest.raises(ConfigError, match="give a count for every task"):
-        TinyBenchmark(n=[4, 4])
+        tiny_benchmark(n=[4, 4])
     assert bench.diagnostic_prompts(2) == [r["prompt"] for r in read_rows("word_problems")[:2]]
+    with pytest.raises(ConfigError, match="diagnostics.n_prompts=1001: only 1000 documents"):
+        bench.diagnostic_prompts(SHIPPED_N + 1)
     bench.validate_sampler(LLaDASampler())  # default decoding config fits both generation lengths
+    # the diagnostic task need not be evaluated: its prompts and answer length still come from its task
+    only = tiny_benchmark(tasks=["addition"])
+    assert only.task_names() == ["tinyreason_addition"]
+    assert only.diagnostic_prompts(1) == [read_rows("word_problems")[0]["prompt"]]
+    fitted = only.diagnostic_sampler(LLaDASampler(gen_length=64, steps=32, block_length=32))
+    assert (fitted.gen_length, fitted.steps, fitted.block_length) == (32, 16, 32)  # the decoding ratio kept
+
+
+def test_tiny_is_the_harness_over_the_tinyreason_folder():
+    """One evaluation path: benchmark=tiny builds HarnessBenchmark (its evaluate, records, metric parsing) over
+    the shipped task folder; what is tiny's own is configuration of those tasks."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from fair_calib import CONF_DIR
+
+    def composed(*overrides: str) -> HarnessBenchmark:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose("config", overrides=list(overrides))
+        return build("benchmark", OmegaConf.to_container(cfg.benchmark, resolve=True))
+
+    bench = composed("benchmark=tiny")
+    assert type(bench) is HarnessBenchmark and type(bench).evaluate is HarnessBenchmark.evaluate
+    assert bench.single_run and bench.task_names() == NAMES
+    add, words, compare = (bench.tasks[n] for n in NAMES)
+    assert {tuple(t.folders) for t in bench.tasks.values()} == {(str(TASK_FOLDER),)}
+    assert (add.max_gen_toks, words.max_gen_toks, compare.max_gen_toks) == (8, 32, None)
+    assert (add.companions, words.companions, compare.companions) == (
+        ["tinyreason_addition_ll"], ["tinyreason_word_problems_ll"], [])
+    assert bench.headline() == {"tinyreason_addition": "exact_match", "tinyreason_word_problems": "exact_match",
+                                "tinyreason_compare": "acc"}  # each task YAML's first metric
+    assert counts(bench) == {"addition": 200, "word_problems": 100, "compare": 200}
+    assert counts(composed("benchmark=tiny_full")) == {"addition": 1000, "word_problems": 1000, "compare": 1000}
+    assert counts(composed("benchmark=tiny", "benchmark.n=100")) == {"addition": 100, "word_problems": 100,
+                                                                      "compare": 100}
+    per_task = composed("benchmark=tiny", "benchmark.n={addition:7,word_problems:5,compare:3}",
+                        "benchmark.likelihood=false", "benchmark.gen_length.addition=12",
+                        "benchmark.tasks=[addition,compare]")
+    assert counts(per_task) == {"addition": 7, "compare": 3}
+    assert per_task.tasks["tinyreason_addition"].max_gen_toks == 12
+    assert all(not t.companions and t.drop_metrics == ["answer_ll"] for t in per_task.tasks.values())
+    assert per_task.score_keys() == {"tinyreason_addition": ["exact_match"], "tinyreason_compare": ["acc"]}
+    with pytest.raises(ConfigError, match="benchmark.n.addition=0: must be in 1..1000"):
+        composed("benchmark=tiny", "benchmark.n=0")
 
 
 def test_lm_eval_git_lookup_is_silent_outside_a_checkout(tmp_path, monkeypatch, capfd):
     """lm-eval records `git describe`; outside a git checkout git printed 'fatal: not a git repository'."""
     import lm_eval.evaluator as evaluator_module
-
-    from fair_calib.benchmark.tiny import quiet_lm_eval
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))  # never find a repository above tmp
@@ -187,12 +244,10 @@ def test_lm_eval_git_lookup_is_silent_outside_a_checkout(tmp_path, monkeypatch, 
     assert "fatal" not in capfd.readouterr().err
 
 
-def test_both_benchmarks_implement_the_one_contract():
+def test_the_benchmark_implements_the_one_contract():
     from fair_calib.benchmark.base import Benchmark
-    from fair_calib.benchmark.harness import HarnessBenchmark
 
-    assert issubclass(TinyBenchmark, Benchmark) and issubclass(HarnessBenchmark, Benchmark)
-    assert not getattr(TinyBenchmark, "__abstractmethods__", None)
+    assert isinstance(tiny_benchmark(), Benchmark) and issubclass(HarnessBenchmark, Benchmark)
     assert not getattr(HarnessBenchmark, "__abstractmethods__", None)
 
     class NoPrompts(Benchmark):  # the defaults: no diagnostic prompts (a one-line error), the run's sampler

@@ -16,16 +16,9 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from fair_calib.benchmark.harness import (
-    DatasetUnavailableError,
-    HarnessBenchmark,
-    HarnessTask,
-    hf_offline,
-    leaf_configs,
-    metric_values,
-    task_manager,
-)
+from fair_calib.benchmark.harness import HarnessBenchmark, HarnessTask, metric_values, task_manager
 from fair_calib.benchmark.lm_eval_plugin import install
+from fair_calib.benchmark.offline_data import DatasetUnavailableError, hf_offline, leaf_configs
 from fair_calib.benchmark.tinyreason_tasks import read_rows
 from fair_calib.decoding.dream import DreamSampler
 from fair_calib.decoding.llada import LLaDASampler

@@ -73,8 +73,11 @@ def family_defaults(model: Any) -> FamilyDefaults:
     return defaults
 
 
-def resolve_cfg_scale(value: float | dict[str, float] | None, family: str) -> float:
-    """A task's guidance scale: a number, or a {family: scale} map (missing family -> the family default)."""
+def resolve_cfg_scale(value: float | dict[str, float] | str | None, family: str) -> float | None:
+    """A task's guidance scale: a number, or a {family: scale} map (missing family -> the family default);
+    "decoding": None, the lm-eval wrapper's own rule (the run's sampler's guidance, else the family default)."""
+    if value == "decoding":
+        return None
     if value is None:
         return FAMILY_DEFAULTS[family].cfg_scale
     if isinstance(value, dict):

@@ -1,13 +1,16 @@
-"""`benchmark=<task>` / `paper10` / `lm_eval`: lm-eval's own tasks (or local task folders) run in process.
+"""The one evaluation path: lm-eval tasks (lm-eval's own, or local task folders) run in process.
 
-One class for every task; what differs per task (few-shot count, Monte Carlo samples, guidance,
-generation length / steps / block, code execution) is configuration in `conf/benchmark/task/*.yaml`,
-composed into `conf/benchmark/<name>.yaml`. Each task runs as its own `simple_evaluate` call,
-because the wrapper settings (sampler, mc_num, cfg scale) are per task.
+`HarnessBenchmark` serves `benchmark=lm_eval` / `<task>` / `paper10` and, configured over the shipped
+tinyreason task folder, `benchmark=tiny` (`tiny.py` only turns tiny's keys into tasks). What differs per
+task is configuration (`HarnessTask`; `conf/benchmark/task/*.yaml` for the paper's tasks): few-shot count,
+Monte Carlo samples, guidance, generation length / steps / block, code execution, the documents (`n`),
+companion tasks whose metrics join the task's (`companions`), metrics left out (`drop_metrics`) and the
+further per-document scores (`scores`). Each task runs as its own `simple_evaluate` call, because the
+wrapper settings (sampler, mc_num, cfg scale) are per task; `single_run` runs tasks that share them in
+one call instead (their generations then draw from one random stream, as `benchmark=tiny` always has).
 
-Offline first: datasets are read from the Hugging Face cache (HF_HOME) or from a local mirror
-folder (`data_dir/<dataset path>`, e.g. `data_dir/openai/gsm8k`), never downloaded unless
-`offline=false`; a missing dataset is one line that says which and how to provide it.
+Datasets are read without network (`offline_data`: the Hugging Face cache or a local mirror folder);
+a missing dataset is one line that says which and how to provide it.
 """
 
 from __future__ import annotations
@@ -16,27 +19,36 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import math
 import os
+import subprocess
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from fair_calib.benchmark.base import Benchmark
 from fair_calib.benchmark.families import model_family, resolve_cfg_scale
 from fair_calib.benchmark.lm import DiffusionEvalLM, check_estimator
-from fair_calib.benchmark.tiny import metric_values, quiet_lm_eval
+from fair_calib.benchmark.offline_data import (
+    check_datasets,
+    dataset_refs,
+    hf_offline,
+    leaf_configs,
+    load_error,
+    local_mirror,
+)
 from fair_calib.decoding.base import Sampler
 from fair_calib.models.dllm import DiffusionLM
 from fair_calib.registry import ConfigError, register
 
 log = logging.getLogger(__name__)
 
-
-class DatasetUnavailableError(ConfigError):
-    """A task's dataset (or another resource it loads) is not available offline."""
+# the settings of the lm-eval wrapper (DiffusionEvalLM) and of the call: tasks of one `single_run` share them
+RUN_SETTINGS = ("mc_num", "cfg_scale", "gen_length", "steps", "block_length", "num_fewshot")
 
 
 @dataclass
@@ -48,20 +60,36 @@ class HarnessTask:
     #                                            empty = every lm-eval task (slow to index)
     num_fewshot: int | None = None             # None: the task's own default
     mc_num: int = 128                          # Monte Carlo samples per likelihood request
-    cfg_scale: float | dict[str, float] | None = None  # guidance; a number or {family: scale}
-    gen_length: int | None = None              # generation tasks: answer length (lm-eval's max_gen_toks)
+    cfg_scale: float | dict[str, float] | str | None = None  # guidance: a number, {family: scale}, or
+    #                                            "decoding" (the run's sampler's; `families.resolve_cfg_scale`)
+    gen_length: int | None = None              # generation tasks: answer length fixed in the wrapper, with `steps`
     steps: int | None = None                   # sampler steps (None: gen_length, one token per step)
     block_length: int | None = None            # LLaDA semi-autoregressive block (Dream has none)
+    max_gen_toks: int | None = None            # generation tasks: the task's own answer length (lm-eval's
+    #                                            max_gen_toks), the run's sampler fitted to it (`Sampler.fitted`)
     unsafe_code: bool = False                  # runs model-written code (HumanEval, MBPP)
     metric: str | None = None                  # headline metric for the average (lm-eval key, filter after ',')
+    n: int | None = None                       # documents: the first n (None: all, or the benchmark's limit)
+    companions: list[str] = field(default_factory=list)  # lm-eval tasks run on the same documents whose metrics
+    #                                            and per-document values join this task's (tinyreason's *_ll)
+    drop_metrics: list[str] = field(default_factory=list)  # metrics not reported (nor kept per document)
+    scores: list[str] = field(default_factory=list)  # per-document scores resampled by the CIs, after `metric`
 
     def __post_init__(self) -> None:
-        for key in ("gen_length", "steps", "block_length", "mc_num"):
+        for key in ("gen_length", "steps", "block_length", "max_gen_toks", "mc_num", "n"):
             value = getattr(self, key)
             if value is not None and int(value) <= 0:
                 raise ConfigError(f"benchmark task {self.task}: {key} must be positive, got {value}")
         if self.num_fewshot is not None and int(self.num_fewshot) < 0:
             raise ConfigError(f"benchmark task {self.task}: num_fewshot must be >= 0, got {self.num_fewshot}")
+        if self.gen_length is not None and self.max_gen_toks is not None:
+            raise ConfigError(f"benchmark task {self.task}: give gen_length (with steps) or max_gen_toks, not both")
+
+    @property
+    def answer_length(self) -> int | None:
+        """The generation length of this task (None: a likelihood task)."""
+        length = self.gen_length if self.gen_length is not None else self.max_gen_toks
+        return None if length is None else int(length)
 
     def sampler_for(self, sampler: Sampler) -> Sampler:
         """The run's sampler with this task's generation length, steps and (LLaDA) block length."""
@@ -69,8 +97,16 @@ class HarnessTask:
             return sampler
         return sampler.with_length(int(self.gen_length), self.steps, self.block_length)
 
+    def documents(self, limit: int | float | None) -> int | None:
+        """How many documents of `n` to run under an evaluation `limit` (a count, or a fraction < 1)."""
+        if self.n is None:
+            return None
+        if limit is None:
+            return int(self.n)
+        return min(int(self.n), int(limit) if limit >= 1 else math.ceil(int(self.n) * limit))
 
-# ---- task folders and datasets -------------------------------------------------------------------
+
+# ---- task folders ---------------------------------------------------------------------------------
 def lm_eval_tasks_dir() -> Path:
     import lm_eval.tasks
 
@@ -95,141 +131,86 @@ def task_manager(folders: tuple[str, ...] | None):
     return TaskManager(include_path=[str(resolve_folder(f)) for f in folders], include_defaults=False)
 
 
-@dataclass(frozen=True)
-class DatasetRef:
-    path: str
-    name: str | None
-    task: str  # a leaf task that reads it (for the message)
+# ---- lm-eval's output, quietly ------------------------------------------------------------------------
+class _DropMessage(logging.Filter):
+    def __init__(self, fragment: str) -> None:
+        super().__init__()
+        self.fragment = fragment
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.fragment not in record.getMessage()
 
 
-def leaf_configs(manager, name: str) -> list[dict[str, Any]]:
-    """The raw YAML configs (functions unresolved) of every leaf task under a task / group / tag name."""
-    from lm_eval.tasks._index import Kind
-    from lm_eval.tasks._yaml_loader import load_yaml
+def quiet_git_hash() -> str | None:
+    """`git describe` of the working directory as lm-eval records it, without git's 'fatal: not a git
+    repository' on stderr when the run is launched outside a checkout (then None)."""
+    try:
+        out = subprocess.run(["git", "describe", "--always"], capture_output=True, text=True, check=False)
+    except OSError:  # git not installed
+        return None
+    return (out.stdout.strip() or None) if out.returncode == 0 else None
 
-    out: list[dict[str, Any]] = []
-    seen: set[str] = set()
 
-    def walk(spec: str | Mapping[str, Any]) -> None:
-        key = spec if isinstance(spec, str) else str(spec.get("task") or spec.get("group"))
-        if key in seen:
-            return
-        seen.add(key)
-        entry = manager.task_index.get(key)
-        if entry is None:
-            if isinstance(spec, Mapping) and "task" in spec:
-                out.append(dict(spec))
-            return
-        if entry.kind == Kind.TAG:
-            for child in sorted(entry.tags):
-                walk(child)
-            return
-        cfg = load_yaml(entry.yaml_path, resolve_func=False) if entry.yaml_path else dict(entry.cfg or {})
-        if entry.kind == Kind.GROUP:
-            for child in cfg.get("task") or []:
-                walk(child)
-        else:
-            out.append(cfg if isinstance(spec, str) else {**cfg, **spec})
+@contextlib.contextmanager
+def quiet_lm_eval(level: int = logging.WARNING) -> Iterator[None]:
+    """lm-eval at WARNING and above, without its per-task context-building bars nor git's complaint outside a
+    checkout; restored on exit."""
+    import lm_eval.api.task as task_module
+    import lm_eval.evaluator as evaluator_module
 
-    walk(name)
+    root = logging.getLogger("lm_eval")
+    task_log = logging.getLogger("lm_eval.api.task")
+    custom_kwargs_note = _DropMessage("Custom kwargs can be passed")  # printed for every custom_dataset task
+    old_level, old_tqdm, old_git = root.level, task_module.tqdm, evaluator_module.get_git_commit_hash
+    evaluator_module.get_git_commit_hash = quiet_git_hash
+    root.setLevel(level)
+    task_log.addFilter(custom_kwargs_note)
+    task_module.tqdm = functools.partial(tqdm, disable=True)
+    try:
+        yield
+    finally:
+        root.setLevel(old_level)
+        task_log.removeFilter(custom_kwargs_note)
+        task_module.tqdm = old_tqdm
+        evaluator_module.get_git_commit_hash = old_git
+
+
+def metric_values(task_results: Mapping[str, Any]) -> dict[str, float]:
+    """{'acc,none': v, 'exact_match,strict-match': w, '*_stderr,*': s} -> {'acc': v, 'exact_match,strict-match': w}."""
+    out = {}
+    for key, value in task_results.items():
+        if "," not in key or not isinstance(value, int | float) or isinstance(value, bool):
+            continue
+        metric, filt = key.split(",", 1)
+        if not metric.endswith("_stderr"):
+            out[metric if filt == "none" else key] = float(value)
     return out
 
 
-def dataset_refs(configs: Sequence[Mapping[str, Any]]) -> list[DatasetRef]:
-    refs: dict[tuple[str, str | None], DatasetRef] = {}
-    for cfg in configs:
-        path = cfg.get("dataset_path")
-        if path and not (cfg.get("dataset_kwargs") or {}).get("data_files"):
-            refs.setdefault((str(path), cfg.get("dataset_name")), DatasetRef(str(path), cfg.get("dataset_name"),
-                                                                             str(cfg.get("task"))))
-    return list(refs.values())
+def sample_record(sample: Mapping[str, Any], task: str | None = None,
+                  doc_fields: Sequence[str] = ()) -> dict[str, Any]:
+    """A compact, JSON-able record of one lm-eval logged sample (prompt, target, responses, metrics).
 
-
-def missing_dataset_message(ref: DatasetRef, data_dir: str | None) -> str:
-    config = f" (config {ref.name})" if ref.name else ""
-    name = f", {ref.name!r}" if ref.name else ""
-    root = data_dir or "<data_dir>"
-    return (f"task {ref.task}: dataset {ref.path}{config} is not available offline; provide local files with "
-            f"`hf download --repo-type dataset {ref.path} --local-dir {Path(root) / ref.path}` on a machine with "
-            f"network and benchmark.data_dir={root} (or FAIR_CALIB_DATA), or fill the Hugging Face cache there with "
-            f"datasets.load_dataset({ref.path!r}{name}) and copy ~/.cache/huggingface to HF_HOME here")
-
-
-def check_datasets(refs: Sequence[DatasetRef], data_dir: str | None, known: set | None = None) -> None:
-    """Raise DatasetUnavailableError (one line) for the first dataset neither in the local mirror nor the cache.
-    `known`: (path, name) pairs already found, skipped and extended (a benchmark checks before every run)."""
-    import datasets
-
-    known = set() if known is None else known
-    for ref in refs:
-        if (ref.path, ref.name) in known or (data_dir and (Path(data_dir) / ref.path).is_dir()):
-            continue
-        try:
-            datasets.load_dataset_builder(ref.path, ref.name)
-        except Exception as err:  # noqa: BLE001 - offline datasets raise ConnectionError, FileNotFoundError, ValueError
-            raise DatasetUnavailableError(missing_dataset_message(ref, data_dir)) from err
-        known.add((ref.path, ref.name))
-
-
-@contextlib.contextmanager
-def hf_offline(enabled: bool) -> Iterator[None]:
-    """HF_HUB_OFFLINE / HF_DATASETS_OFFLINE / HF_EVALUATE_OFFLINE for this scope, also in already imported modules
-    (they read the variables at import), so a missing file fails at once instead of retrying the network."""
-    if not enabled:
-        yield
-        return
-    import sys
-
-    import datasets.config  # noqa: F401  (imported here, with the caller's environment, then patched)
-    import huggingface_hub.constants  # noqa: F401
-
-    with contextlib.suppress(ImportError):
-        import evaluate.config  # noqa: F401
-
-    names = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_EVALUATE_OFFLINE")
-    old_env = {k: os.environ.get(k) for k in names}
-    patched: list[tuple[Any, str, Any]] = []
-    for module, attrs in (("huggingface_hub.constants", ("HF_HUB_OFFLINE",)),
-                          ("datasets.config", ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")),
-                          ("evaluate.config", ("HF_EVALUATE_OFFLINE",))):
-        mod = sys.modules.get(module)
-        for attr in attrs if mod is not None else ():
-            patched.append((mod, attr, getattr(mod, attr, None)))
-            setattr(mod, attr, True)
-    os.environ.update({k: "1" for k in names})
-    try:
-        yield
-    finally:
-        for mod, attr, value in patched:
-            setattr(mod, attr, value)
-        for k, v in old_env.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-@contextlib.contextmanager
-def local_mirror(data_dir: str | None) -> Iterator[None]:
-    """datasets.load_dataset(path, ...) reads `data_dir/path` when that folder exists (a local copy of the dataset
-    repository: parquet / json / csv files, or a hub snapshot with its README configs)."""
-    if not data_dir:
-        yield
-        return
-    import datasets
-
-    original = datasets.load_dataset
-
-    @functools.wraps(original)
-    def load_dataset(path: str, *args: Any, **kwargs: Any):
-        local = Path(data_dir) / str(path)
-        return original(str(local) if local.is_dir() else path, *args, **kwargs)
-
-    datasets.load_dataset = load_dataset
-    try:
-        yield
-    finally:
-        datasets.load_dataset = original
+    `task`: the lm-eval subtask, recorded when it is not the benchmark task itself (a group's or tag's
+    leaves); `doc_fields`: fields of the document copied in (over the request's prompt and target where named).
+    """
+    args = sample.get("arguments") or [()]
+    record: dict[str, Any] = {"task": task} if task is not None else {}
+    record.update({"doc_id": sample["doc_id"], "prompt": args[0][0] if args[0] else None,
+                   "target": sample.get("target")})
+    doc = sample.get("doc") or {}
+    record.update({name: doc[name] for name in doc_fields if name in doc})
+    resp = sample.get("filtered_resps") or []
+    if resp and isinstance(resp[0], list | tuple):  # multiple choice: one (loglikelihood, is_greedy) per choice
+        record["loglikelihoods"] = [float(r[0]) for r in resp]
+        record["pred"] = int(max(range(len(resp)), key=lambda i: resp[i][0]))
+    elif resp:
+        record["response"] = resp[0]
+    record["filter"] = sample.get("filter", "none")
+    for metric in sample.get("metrics", []):
+        if metric in sample and isinstance(sample[metric], int | float | str | bool):
+            record[metric] = sample[metric]
+    return record
 
 
 @contextlib.contextmanager
@@ -254,64 +235,52 @@ def unsafe_code_error(task: str) -> ConfigError:
                        "on a machine where that is acceptable")
 
 
-def load_error(task: str, err: BaseException) -> ConfigError:
-    """One line for an exception raised while lm-eval builds a task (missing package, metric or file)."""
-    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    if isinstance(err, ImportError):
-        return ConfigError(f"task {task} needs a Python package that is not installed ({first}); install lm-eval's "
-                           "extra for it, e.g. pip install 'lm-eval[math]' for minerva_math")
-    if "code_eval" in str(err) or "evaluate" in type(err).__module__:
-        return DatasetUnavailableError(
-            f"task {task}: the Hugging Face `evaluate` metric code_eval is not available offline ({first}); on a "
-            "machine with network run python -c \"import evaluate; evaluate.load('code_eval')\" and copy "
-            "~/.cache/huggingface/modules to HF_HOME/modules here")
-    return DatasetUnavailableError(f"task {task} could not be loaded offline ({type(err).__name__}: {first}); "
-                                   "see the README section on datasets for offline use")
+def load_tasks(manager, tasks: Sequence[HarnessTask]) -> tuple[list[Any], dict[str, list[str]]]:
+    """The lm-eval task / group objects of `tasks`, then of their companions (the order their requests reach the
+    model in), and the leaf task names of each name; generation leaves of a task with `max_gen_toks` get it."""
+    objects: list[Any] = []
+    leaves: dict[str, list[str]] = {}
+    named = [(t.task, t.max_gen_toks) for t in tasks] + [(c, None) for t in tasks for c in t.companions]
+    for name, length in named:
+        part = manager.load([name])
+        objects += [part["groups"][name]] if name in part["groups"] else list(part["tasks"].values())
+        leaves[name] = list(part["tasks"])
+        for leaf in part["tasks"].values() if length is not None else ():
+            if leaf.get_config("output_type") == "generate_until":
+                leaf.set_config(key="generation_kwargs", value={"max_gen_toks": int(length)}, update=True)
+    return objects, leaves
 
 
-def sample_record(sample: Mapping[str, Any]) -> dict[str, Any]:
-    """A compact, JSON-able record of one lm-eval logged sample (prompt, target, responses, metrics)."""
-    args = sample.get("arguments") or [()]
-    record: dict[str, Any] = {"doc_id": sample["doc_id"], "prompt": args[0][0] if args[0] else None,
-                              "target": sample.get("target")}
-    resp = sample.get("filtered_resps") or []
-    if resp and isinstance(resp[0], list | tuple):  # multiple choice: one (loglikelihood, is_greedy) per choice
-        record["loglikelihoods"] = [float(r[0]) for r in resp]
-        record["pred"] = int(max(range(len(resp)), key=lambda i: resp[i][0]))
-    elif resp:
-        record["response"] = resp[0]
-    record["filter"] = sample.get("filter", "none")
-    for metric in sample.get("metrics", []):
-        if metric in sample and isinstance(sample[metric], int | float | str | bool):
-            record[metric] = sample[metric]
-    return record
+def build_task(where: str, key: str, spec: Mapping[str, Any] | None) -> HarnessTask:
+    spec = dict(spec or {})
+    spec.setdefault("task", key)
+    try:
+        return HarnessTask(**spec)
+    except TypeError as err:
+        valid = ", ".join(f.name for f in dataclasses.fields(HarnessTask))
+        raise ConfigError(f"{where}: {err}; valid keys: {valid}") from err
 
 
 # ---- the benchmark -----------------------------------------------------------------------------
 @register("benchmark", "lm_eval")
 class HarnessBenchmark(Benchmark):
-    """lm-eval tasks by name, one `simple_evaluate` per task with that task's wrapper settings."""
+    """lm-eval tasks by name, one `simple_evaluate` per task with that task's wrapper settings (or one for all of
+    them: `single_run`)."""
 
     def __init__(self, tasks: Mapping[str, Mapping[str, Any]], limit: int | float | None = None,
                  offline: bool = True, data_dir: str | None = None, confirm_run_unsafe_code: bool = False,
                  apply_chat_template: bool = False, fewshot_as_multiturn: bool = False, batch_size: int = 8,
                  mc_batch_size: int = 32, max_length: int = 4096, add_special_tokens: bool = False,
                  check_greedy: bool = False, bootstrap_iters: int = 0,
-                 diagnostic_task: str | None = None, show_progress: bool = True,
-                 estimator: str = "stratified") -> None:
+                 diagnostic_task: str | Mapping[str, Any] | None = None, show_progress: bool = True,
+                 estimator: str = "stratified", single_run: bool = False,
+                 record_fields: Sequence[str] = ()) -> None:
         self.estimator = check_estimator(str(estimator))
         if not tasks:
             raise ConfigError("benchmark.tasks is empty: name lm-eval tasks, e.g. "
                               "+benchmark.tasks.arc_easy.task=arc_easy, or pick benchmark=paper10 / gsm8k / ...")
-        self.tasks: dict[str, HarnessTask] = {}
-        for key, spec in tasks.items():
-            spec = dict(spec or {})
-            spec.setdefault("task", key)
-            try:
-                self.tasks[key] = HarnessTask(**spec)
-            except TypeError as err:
-                valid = ", ".join(f.name for f in dataclasses.fields(HarnessTask))
-                raise ConfigError(f"benchmark.tasks.{key}: {err}; valid keys: {valid}") from err
+        self.tasks: dict[str, HarnessTask] = {key: build_task(f"benchmark.tasks.{key}", key, spec)
+                                              for key, spec in tasks.items()}
         for task in self.tasks.values():
             check_estimator(self.estimator, task.mc_num, mc_batch_size)
         if limit is not None and float(limit) <= 0:
@@ -329,11 +298,27 @@ class HarnessBenchmark(Benchmark):
         self.add_special_tokens = bool(add_special_tokens)
         self.check_greedy = bool(check_greedy)
         self.bootstrap_iters = int(bootstrap_iters)
-        if diagnostic_task is not None and diagnostic_task not in self.tasks:
-            raise ConfigError(f"benchmark.diagnostic_task {diagnostic_task!r}: not one of {', '.join(self.tasks)}")
-        self.diagnostic_task = diagnostic_task or next(
-            (k for k, t in self.tasks.items() if t.gen_length is not None), next(iter(self.tasks)))
+        if isinstance(diagnostic_task, Mapping):  # a task for the diagnostics only (not evaluated)
+            self.diagnostic = build_task("benchmark.diagnostic_task", "", diagnostic_task)
+            self.diagnostic_task = self.diagnostic.task
+        else:
+            if diagnostic_task is not None and diagnostic_task not in self.tasks:
+                raise ConfigError(f"benchmark.diagnostic_task {diagnostic_task!r}: not one of "
+                                  f"{', '.join(self.tasks)}")
+            self.diagnostic_task = diagnostic_task or next(
+                (k for k, t in self.tasks.items() if t.answer_length is not None), next(iter(self.tasks)))
+            self.diagnostic = self.tasks[self.diagnostic_task]
         self.show_progress = bool(show_progress)
+        self.single_run = bool(single_run)
+        if self.single_run:
+            for setting in RUN_SETTINGS:
+                values = {repr(getattr(t, setting)) for t in self.tasks.values()}
+                if len(values) > 1:
+                    raise ConfigError(f"benchmark.single_run: the tasks run in one lm-eval call and must share "
+                                      f"{setting}, got {', '.join(sorted(values))}")
+            if len({t.n is None for t in self.tasks.values()}) > 1:
+                raise ConfigError("benchmark.single_run: give every task its document count n, or none of them")
+        self.record_fields = [str(f) for f in record_fields]
         self.last_samples: dict[str, list[dict[str, Any]]] = {}
         self._available: set[tuple[str, str | None]] = set()  # datasets found by an earlier check
 
@@ -345,18 +330,18 @@ class HarnessBenchmark(Benchmark):
         """Before any weights load: the sampler runs every task's generation settings, and every task
         exists with its datasets available (`check_available`)."""
         for t in self.tasks.values():
-            if t.gen_length is not None:
-                s = t.sampler_for(sampler)
-                if hasattr(s, "validate"):
-                    s.validate(s.gen_length)
-                s.fitted(int(t.gen_length))
+            s = t.sampler_for(sampler)
+            if t.gen_length is not None and hasattr(s, "validate"):
+                s.validate(s.gen_length)
+            if t.answer_length is not None:
+                s.fitted(t.answer_length)
         self.check_available()
 
     def check_available(self) -> None:
         """Every task name known, code execution confirmed where needed, every dataset readable offline."""
         manager = self._manager(list(self.tasks.values()))
         for task in self.tasks.values():
-            with self._environment(task):
+            with self._environment([task]):
                 self._preflight(task, manager)
 
     def _manager(self, tasks: Sequence[HarnessTask]):
@@ -366,26 +351,27 @@ class HarnessBenchmark(Benchmark):
 
     def _preflight(self, task: HarnessTask, manager) -> None:
         """Unknown name, unconfirmed code execution, missing dataset: one line each, before any model call."""
-        if task.task not in manager.all_tasks:
-            where = ", ".join(task.folders) if task.folders else "lm-eval's task folders"
-            raise ConfigError(f"benchmark task {task.task!r} is not an lm-eval task in {where}")
-        configs = leaf_configs(manager, task.task)
+        for name in [task.task, *task.companions]:
+            if name not in manager.all_tasks:
+                where = ", ".join(task.folders) if task.folders else "lm-eval's task folders"
+                raise ConfigError(f"benchmark task {name!r} is not an lm-eval task in {where}")
+        configs = [c for name in [task.task, *task.companions] for c in leaf_configs(manager, name)]
         if any(c.get("unsafe_code") for c in configs) and not self.confirm_run_unsafe_code:
             raise unsafe_code_error(task.task)
         if self.offline:
             check_datasets(dataset_refs(configs), self.data_dir, self._available)
 
     @contextlib.contextmanager
-    def _environment(self, task: HarnessTask) -> Iterator[None]:
-        with hf_offline(self.offline), local_mirror(self.data_dir), code_execution(task.unsafe_code), \
-                quiet_lm_eval(), torch.no_grad():
+    def _environment(self, tasks: Sequence[HarnessTask]) -> Iterator[None]:
+        with hf_offline(self.offline), local_mirror(self.data_dir), \
+                code_execution(any(t.unsafe_code for t in tasks)), quiet_lm_eval(), torch.no_grad():
             yield
 
     def diagnostic_prompts(self, n: int) -> list[str]:
         """The first n documents of `diagnostic_task` as zero-shot prompts (doc_to_text)."""
-        task = self.tasks[self.diagnostic_task]
+        task = self.diagnostic
         manager = self._manager([task])
-        with self._environment(task):
+        with self._environment([task]):
             self._preflight(task, manager)
             leaves = list(manager.load([task.task])["tasks"].values())
         prompts = [str(leaf.doc_to_text(doc)) for leaf in leaves for doc in leaf.eval_docs][:n]
@@ -394,11 +380,17 @@ class HarnessBenchmark(Benchmark):
         return prompts
 
     def diagnostic_sampler(self, sampler: Sampler) -> Sampler:
-        task = self.tasks[self.diagnostic_task]
-        s = task.sampler_for(sampler)
-        return s.fitted(int(task.gen_length))[0] if task.gen_length else s
+        """The run's sampler as the diagnostic task's generations use it: fitted to the task's answer length (a
+        likelihood task: to the decoding config's own gen_length)."""
+        s = self.diagnostic.sampler_for(sampler)
+        length = self.diagnostic.answer_length
+        return s.fitted(length if length is not None else int(s.gen_length))[0]
 
     # ---- evaluation ------------------------------------------------------------------------------
+    def _runs(self) -> list[list[str]]:
+        """The task keys of each `simple_evaluate` call."""
+        return [list(self.tasks)] if self.single_run else [[key] for key in self.tasks]
+
     def evaluate(self, model: DiffusionLM, sampler: Sampler, seed: int = 0,
                  limit: int | float | None = None, label: str = "") -> dict[str, dict[str, float]]:
         """Run every task; {task: {metric: value}}. The average is not a task: see `headline()`."""
@@ -409,32 +401,60 @@ class HarnessBenchmark(Benchmark):
         manager = self._manager(list(self.tasks.values()))
         metrics: dict[str, dict[str, float]] = {}
         self.last_samples = {}
-        for key, task in self.tasks.items():
-            lm = DiffusionEvalLM(model, task.sampler_for(sampler), seed=seed, batch_size=self.batch_size,
-                                 mc_num=task.mc_num, mc_batch_size=self.mc_batch_size, max_length=self.max_length,
-                                 gen_length=task.gen_length, cfg_scale=resolve_cfg_scale(task.cfg_scale, family),
+        for run in self._runs():
+            tasks = [self.tasks[key] for key in run]
+            first = tasks[0]  # the wrapper settings (RUN_SETTINGS) of every task of the run
+            lm = DiffusionEvalLM(model, first.sampler_for(sampler), seed=seed, batch_size=self.batch_size,
+                                 mc_num=first.mc_num, mc_batch_size=self.mc_batch_size, max_length=self.max_length,
+                                 gen_length=first.gen_length, cfg_scale=resolve_cfg_scale(first.cfg_scale, family),
                                  add_special_tokens=self.add_special_tokens, check_greedy=self.check_greedy,
                                  show_progress=self.show_progress, estimator=self.estimator,
                                  label=label)
-            with self._environment(task):
-                self._preflight(task, manager)
+            with self._environment(tasks):
+                for task in tasks:
+                    self._preflight(task, manager)
                 try:
+                    loaded, leaves = load_tasks(manager, tasks)
+                    docs = {name: list(range(count)) for task in tasks if (count := task.documents(limit)) is not None
+                            for name in [*leaves[task.task], *task.companions]}
                     results = simple_evaluate(
-                        model=lm, tasks=[task.task], task_manager=manager, num_fewshot=task.num_fewshot,
-                        limit=limit, bootstrap_iters=self.bootstrap_iters, log_samples=True,
-                        apply_chat_template=self.apply_chat_template,
+                        model=lm, tasks=loaded, task_manager=manager, num_fewshot=first.num_fewshot,
+                        limit=None if docs else limit, samples=docs or None, bootstrap_iters=self.bootstrap_iters,
+                        log_samples=True, apply_chat_template=self.apply_chat_template,
                         fewshot_as_multiturn=self.fewshot_as_multiturn and self.apply_chat_template,
                         confirm_run_unsafe_code=self.confirm_run_unsafe_code,
                         random_seed=None, numpy_random_seed=None, torch_random_seed=None, fewshot_random_seed=seed)
                 except (ImportError, ConnectionError, FileNotFoundError) as err:
-                    raise load_error(task.task, err) from err
+                    raise load_error(", ".join(t.task for t in tasks), err) from err
             if results is None:  # a non-zero rank of a data-parallel run: rank 0 reports
                 continue
-            row = results["results"].get(task.task) or results.get("groups", {}).get(task.task) or {}
-            metrics[key] = metric_values(row)
-            self.last_samples[key] = [{"task": name, **sample_record(s)}
-                                      for name, samples in results.get("samples", {}).items() for s in samples]
+            for key, task in zip(run, tasks):
+                metrics[key], self.last_samples[key] = self._collect(task, results, leaves[task.task])
         return metrics
+
+    def _collect(self, task: HarnessTask, results: Mapping[str, Any],
+                 leaves: Sequence[str]) -> tuple[dict[str, float], list[dict[str, Any]]]:
+        """A task's metrics and per-sample records from its run's results; each companion's metrics join the
+        metrics, its per-document values the records of the same document."""
+        def row(name: str) -> Mapping[str, Any]:
+            return results["results"].get(name) or results.get("groups", {}).get(name) or {}
+
+        logged = results.get("samples", {})
+        metrics = metric_values(row(task.task))
+        records = [sample_record(s, None if name == task.task else name, self.record_fields)
+                   for name, samples in logged.items() if name in leaves for s in samples]
+        for companion in task.companions:
+            metrics.update(metric_values(row(companion)))
+            by_doc = {s["doc_id"]: s for s in logged.get(companion, [])}
+            fields = list(dict.fromkeys(m for s in by_doc.values() for m in s.get("metrics", [])))
+            for record in records:
+                sample = by_doc.get(record["doc_id"], {})
+                record.update({m: sample.get(m) for m in fields})
+        for metric in task.drop_metrics:
+            metrics.pop(metric, None)
+            for record in records:
+                record.pop(metric, None)
+        return metrics, records
 
     def headline(self) -> dict[str, str]:
         """{task: headline metric key} for every task whose config names one (`metric:`): the one rule
@@ -442,5 +462,5 @@ class HarnessBenchmark(Benchmark):
         return {key: task.metric for key, task in self.tasks.items() if task.metric is not None}
 
     def score_keys(self) -> dict[str, list[str]]:
-        """{task: metric keys kept per document}: each task's headline metric."""
-        return {task: [metric] for task, metric in self.headline().items()}
+        """{task: metric keys kept per document}: each task's headline metric, then its `scores`."""
+        return {key: [metric, *self.tasks[key].scores] for key, metric in self.headline().items()}
