@@ -26,7 +26,6 @@ from typing import TYPE_CHECKING, Any
 
 from omegaconf import OmegaConf
 
-from fair_calib import CONF_DIR
 from fair_calib.registry import ConfigError
 
 if TYPE_CHECKING:
@@ -194,15 +193,12 @@ def load_error(task: str, err: BaseException) -> ConfigError:
 # ---- the mirror CLI ------------------------------------------------------------------------------
 def benchmark_tasks(option: str) -> list[HarnessTask]:
     """The tasks of conf/benchmark/<option>.yaml (composed with Hydra, no model or sampler needed)."""
-    from hydra import compose, initialize_config_dir
-
     from fair_calib.benchmark.harness import HarnessTask
+    from fair_calib.compose import compose_config, group_options
 
-    if not (CONF_DIR / "benchmark" / f"{option}.yaml").is_file():
-        valid = ", ".join(sorted(p.stem for p in (CONF_DIR / "benchmark").glob("*.yaml")))
-        raise ConfigError(f"no benchmark config {option!r}; valid: {valid}")
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=[f"benchmark={option}"])
+    if option not in group_options("benchmark"):
+        raise ConfigError(f"no benchmark config {option!r}; valid: {', '.join(group_options('benchmark'))}")
+    cfg = compose_config([f"benchmark={option}"])
     tasks = OmegaConf.to_container(cfg.benchmark, resolve=True).get("tasks") or {}
     if not tasks:
         raise ConfigError(f"benchmark={option} names no lm-eval tasks")

@@ -85,7 +85,8 @@ def _ablation_row(r: RunRecord) -> bool:
 
 
 def _ablation_label(r: RunRecord) -> str:
-    """'uniform' for every uniform run (the schedule changes nothing there), else 'weighting / schedule'."""
+    """'uniform (= FlatQuant)' for every uniform run (the schedule changes nothing there), else
+    'weighting / schedule'."""
     return "uniform (= FlatQuant)" if r.weighting == "uniform" else f"{r.weighting} / {r.schedule}"
 
 
