@@ -15,6 +15,7 @@ from fair_calib.models.config import DLLMConfig
 from fair_calib.models.dllm import build_model
 
 SCRIPT = Path(__file__).resolve().parent.parent / "experiments" / "perf" / "calibration_scaling.py"
+sys.path.insert(0, str(SCRIPT.parent))  # as when the script runs: its sibling helper (procmem) imports
 _spec = importlib.util.spec_from_file_location("calibration_scaling", SCRIPT)
 cs = importlib.util.module_from_spec(_spec)
 sys.modules["calibration_scaling"] = cs  # dataclasses look their module up there

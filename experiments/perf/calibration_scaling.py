@@ -11,7 +11,7 @@ head_dim --head-dim (128 as in LLaDA-8B), intermediate = --mlp-ratio x width (3 
 Calibration: --samples x --seq-len random token ids (timing does not depend on the ids). Quantizers: the
 registry's build("quantizer", cfg) on the composed method=<gptq|quarot|flatquant> configs at their W4A4 defaults,
 FlatQuant with --epochs (default 1; its config's 15 is used for the projection). Each (method, width, depth) runs
-in a fresh subprocess, so the peak RSS (resource ru_maxrss) is that configuration's; --threads 1 by default.
+in a fresh subprocess, so the peak RSS (VmHWM, procmem.peak_rss_mb) is that configuration's; --threads 1 by default.
 
 Printed: one row per configuration (block parameters, s_block = median wall seconds per block from the engine's
 report, cpu_s_block = process CPU seconds of the whole calibration / depth, peak RSS, peak - RSS before calibrating,
@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import resource
 import statistics
 import subprocess
 import sys
@@ -42,6 +41,8 @@ import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from procmem import peak_rss_mb, rss_mb
 
 METHODS = ("gptq", "quarot", "flatquant")
 # forward passes of one block over the calibration set per method at the W4A4 defaults (see the module docstring)
@@ -227,10 +228,6 @@ def flatquant_trainable(shape: BlockShape) -> int:
 
 
 # ---- one configuration (child process) ------------------------------------------------------------------------
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
-
 
 def _compose(overrides: list[str]) -> Any:
     from hydra import compose, initialize_config_dir
@@ -306,7 +303,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     offsets = torch.arange(args.seq_len).expand_as(ids).clone()
     calib = CalibrationSet(ids, torch.ones_like(ids), offsets, [""] * args.samples)
     quantizer = build("quantizer", qcfg)
-    base = _rss_mb()
+    base = rss_mb()
     batch = min(int(qcfg.batch_size), args.samples)
     meter = _SavedTensorMeter({batch, args.samples % batch or batch}, args.seq_len)
     t0, c0 = time.perf_counter(), time.process_time()
@@ -316,7 +313,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     else:
         report = quantizer.quantize(model, calib)
     total, cpu = time.perf_counter() - t0, time.process_time() - c0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_rss_mb()
     per_block = statistics.median(b["time_s"] for b in report["blocks"])
     flops = calibration_flops(method, shape, args.samples, args.seq_len, args.epochs)
     row: dict[str, Any] = {

@@ -6,7 +6,7 @@
 Each configuration runs in a fresh process (peak RSS is per process). Reported per run:
   model_mb     parameters of the random model (grows with depth by construction)
   base_mb      RSS after building the model and the calibration set, before calibrating
-  peak_mb      peak RSS of the process (resource.getrusage ru_maxrss)
+  peak_mb      peak RSS of the process (VmHWM, procmem.peak_rss_mb)
   overhead_mb  peak - base: what calibration costs on top of the model (should not grow with depth)
   acts_mb      size of one (N, L, d_model) activation store; the engine keeps two (inputs, FP outputs)
 """
@@ -15,15 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
 
-
-def rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+from procmem import peak_rss_mb, rss_mb
 
 
 def child(args: argparse.Namespace) -> dict:
@@ -47,7 +43,7 @@ def child(args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     report = GPTQ(w_bits=4, a_bits=4, batch_size=args.batch_size, offload=args.offload,
                   progress=False).quantize(model, calib)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_rss_mb()
     return {"blocks": args.blocks, "model_mb": round(model_mb, 1), "base_mb": round(base, 1),
             "peak_mb": round(peak, 1), "overhead_mb": round(peak - base, 1),
             "acts_mb": round(args.n_samples * args.seq_len * args.d_model * 4 / 2**20, 1),
