@@ -10,7 +10,7 @@ import torch
 
 from fair_calib.data.calibration import tinyreason_calibration
 from fair_calib.errors import NonFiniteWeightError
-from fair_calib.quant.gptq import GPTQ, REFERENCES, HessianAccumulator, gptq_quantize, gptq_solve
+from fair_calib.quant.gptq import GPTQ, REFERENCES, HessianAccumulator, gptq_quantize, gptq_solve, hessian_strip
 from fair_calib.quant.grids import QuantSpec, fake_quant_weight
 from fair_calib.quant.qlinear import qlinears
 from fair_calib.quant.quarot import QuaRot
@@ -335,13 +335,15 @@ def test_bad_inputs_give_one_line_errors_or_logged_fallbacks(caplog):
         assert "\n" not in msg
 
 
-def test_unweighted_hessian_strips_give_the_full_product():
-    """Width 512: unweighted batches fill the upper strips only; S21 is mirrored in before a weighted batch, and the
-    result equals the full products accumulated in the same order (what the accumulator computed before)."""
+@pytest.mark.parametrize("width, strip", [(384, 128), (512, 128), (1536, 256), (192, None), (128, None)])
+def test_unweighted_hessian_strips_give_the_full_product(width, strip):
+    """Unweighted batches fill the diagonal and upper blocks of the row strips only; the lower blocks are mirrored in
+    before a weighted batch, and the result equals the full products accumulated in the same order, bit for bit."""
+    assert hessian_strip(width) == strip
     g = torch.Generator().manual_seed(0)
-    xs = [torch.randn(300, 512, generator=g) * torch.exp(torch.randn(512, generator=g)) for _ in range(3)]
+    xs = [torch.randn(300, width, generator=g) * torch.exp(torch.randn(width, generator=g)) for _ in range(3)]
     w = torch.rand(300, generator=g) + 0.5
-    acc, S = HessianAccumulator(512), torch.zeros(512, 512)
+    acc, S = HessianAccumulator(width), torch.zeros(width, width)
     acc.add(xs[0])
     acc.add(xs[1], torch.ones(300))
     acc.add(xs[2], w)  # weighted: full products from here on
@@ -351,12 +353,15 @@ def test_unweighted_hessian_strips_give_the_full_product():
     S.addmm_((xs[2] * w[:, None]).T, xs[2])
     S.addmm_(xs[0].T, xs[0])
     assert torch.equal(acc.S, S) and acc.n == pytest.approx(900 + float(w.sum()))
-    plain = HessianAccumulator(512)
+    plain = HessianAccumulator(width)
     for x in xs:
         plain.add(x)
     H = plain.hessian()
     assert torch.equal(H, H.T)
-    torch.testing.assert_close(H, 2 * sum(x.T @ x for x in xs) / 900, rtol=1e-5, atol=1e-3)
+    full = torch.zeros(width, width)
+    for x in xs:
+        full.addmm_(x.T, x)
+    assert torch.equal(H, full * (2.0 / 900))
 
 
 def test_linears_reading_one_input_share_its_factorization(tiny_llada, char_tokenizer, monkeypatch):

@@ -230,3 +230,22 @@ def test_weight_clip_pair_per_group_uses_each_channel_logits() -> None:
     with pytest.raises(ConfigError, match="per channel or per group"):
         fake_quant_weight_clip_pair(w, QuantSpec(4, granularity="tensor"), lo, hi)
 
+
+
+@pytest.mark.parametrize("spec", [W4, QuantSpec(bits=3, symmetric=False)])
+def test_quant_dequant_in_place_path_equals_the_straight_through_path_bit_for_bit(spec) -> None:
+    """GPTQ's no-gradient quant_dequant gives the values and the signs of zeros of the differentiable one (round_ste
+    turns round(-0.3) = -0 into +0), also written into `out`."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.tensor([-0.3, -0.0, 0.0, 0.5, -0.5, 1.5, -2.5, 1e-9, -1e-9]), torch.randn(500, generator=g) * 3])
+    scale = torch.rand(509, generator=g) + 0.2
+    zero = None if spec.symmetric else torch.randint(0, 8, (509,), generator=g).float()
+    x_grad = x.clone().requires_grad_(True)
+    ste = quant_dequant(x_grad, scale, zero, spec).detach()
+    out = torch.empty_like(x)
+    with torch.no_grad():
+        fast = quant_dequant(x, scale, zero, spec, out=out)
+    assert fast.data_ptr() == out.data_ptr()
+    assert torch.equal(fast.view(torch.int32), ste.view(torch.int32))  # bit patterns, so -0 != +0
+    assert torch.equal(x, torch.cat([torch.tensor([-0.3, -0.0, 0.0, 0.5, -0.5, 1.5, -2.5, 1e-9, -1e-9]),
+                                     torch.randn(500, generator=torch.Generator().manual_seed(0)) * 3]))

@@ -140,11 +140,20 @@ def weight_scale_zero(w: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor | None
                            w.amax(dim=-1, keepdim=True) * spec.clip_ratio, spec.bits)
 
 
-def quant_dequant(x: Tensor, scale: Tensor, zero: Tensor | None, spec: QuantSpec) -> Tensor:
-    """Quantize-dequantize with a given scale (and zero): the step GPTQ applies to one column."""
+def quant_dequant(x: Tensor, scale: Tensor, zero: Tensor | None, spec: QuantSpec, out: Tensor | None = None) -> Tensor:
+    """Quantize-dequantize with a given scale (and zero): the step GPTQ applies to one column; written into `out`
+    when given. Differentiable (straight-through) when x needs a gradient; otherwise in place, with the same values
+    and signs of zeros: round_ste's forward (r - x) + x is exactly r = round(x) (r - x is exact by Sterbenz's
+    lemma, or -x when r = 0), except that it turns -0 into +0, which `+ 0.0` does here.
+    """
+    if torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad):
+        y = quantize_sym(x, scale, spec.bits) * scale if zero is None else \
+            (quantize_asym(x, scale, zero, spec.bits) - zero) * scale
+        return y if out is None else out.copy_(y)
+    r = torch.div(x, scale, out=out).round_()
     if zero is None:
-        return quantize_sym(x, scale, spec.bits) * scale
-    return (quantize_asym(x, scale, zero, spec.bits) - zero) * scale
+        return r.add_(0.0).clamp_(spec.qmin, spec.qmax).mul_(scale)
+    return r.add_(zero).clamp_(0, 2**spec.bits - 1).sub_(zero).mul_(scale)
 
 
 # ---- FlatQuant's clipping pair -------------------------------------------------------------------------------
