@@ -10,7 +10,7 @@ import torch
 from fair_calib.data.calibration import CalibrationSet, tinyreason_calibration
 from fair_calib.quant import engine as engine_mod
 from fair_calib.quant.engine import ErrorMeter, LayerwiseMethod, freeze_linears, weight_only
-from fair_calib.registry import ConfigError
+from fair_calib.registry import ConfigError, build
 
 
 class Probe(LayerwiseMethod):
@@ -193,7 +193,11 @@ def _count_block_forwards(model) -> list[int]:
     (dict(a_bits=4, propagate="quantized"), [2, 2]),
     (dict(a_bits=4, propagate="fp"), [2, 2]),
     (dict(a_bits=16, propagate="weights", track_fp_stream=True), [3, 3]),  # + the true FP stream
-    (dict(a_bits=16, propagate="weights", true_sequential=True), [5, 5]),  # + o, gate/up, down inputs
+    # + o, gate/up, down inputs: those passes stop at their linear's input, so they never complete a block forward
+    (dict(a_bits=16, propagate="weights", true_sequential=True), [2, 2]),
+    # without the error report the FP pass stops at down's input, and nothing reads the last block's outputs
+    (dict(a_bits=16, propagate="weights", block_error=False), [1, 0]),
+    (dict(a_bits=4, propagate="weights", block_error=False), [1, 0]),  # only the weight-only pass feeds block 1
 ])
 def test_forward_passes_per_block(settings, passes, tiny_llada, char_tokenizer):
     from fair_calib.quant.gptq import GPTQ
@@ -202,6 +206,53 @@ def test_forward_passes_per_block(settings, passes, tiny_llada, char_tokenizer):
     calls = _count_block_forwards(tiny_llada)
     GPTQ(batch_size=len(calib.input_ids), progress=False, **settings).quantize(tiny_llada, calib)
     assert calls == passes
+
+
+@pytest.mark.parametrize("settings, calls", [
+    (dict(), dict(q=2, k=2, v=2, o=2, gate=2, up=2, down=2)),  # FP pass + quantized pass
+    (dict(block_error=False), dict(q=2, k=2, v=2, o=2, gate=2, up=2, down=1)),  # no FP down projection
+    # FP pass, then the o / gate-up / down groups' passes up to their linear's input, then the quantized pass
+    (dict(true_sequential=True), dict(q=5, k=5, v=5, o=4, gate=3, up=3, down=2)),
+])
+def test_no_linear_runs_for_an_output_nobody_reads(settings, calls, tiny_llada, char_tokenizer, monkeypatch):
+    """Forwards that only feed collectors stop at the last collected linear's input: the linear calls per role."""
+    from fair_calib.quant.gptq import GPTQ
+
+    calib = _calib(char_tokenizer)
+    counts = dict.fromkeys(calls, 0)
+    move = engine_mod.move_block
+
+    def move_and_count(block, device):  # block 0's linears are QLinears by the time it is moved in
+        if block is tiny_llada.blocks[0] and not any(counts.values()) and not hasattr(block, "_counted"):
+            block._counted = True
+            for role in calls:
+                block.role(role).register_forward_hook(lambda m, a, o, r=role: counts.__setitem__(r, counts[r] + 1))
+        move(block, device)
+
+    monkeypatch.setattr(engine_mod, "move_block", move_and_count)
+    GPTQ(batch_size=len(calib.input_ids), progress=False, w_bits=4, a_bits=16, **settings).quantize(tiny_llada, calib)
+    assert counts == calls
+
+
+def test_without_block_error_the_weights_are_the_same_and_no_targets_are_kept(tiny_dream, char_tokenizer):
+    """block_error=false changes no weight (GPTQ reads no FP outputs) and drops the error keys from the report;
+    FlatQuant, which trains on the FP outputs, keeps them and reports its errors anyway."""
+    from fair_calib.quant.gptq import GPTQ
+
+    calib = _calib(char_tokenizer)
+    models, reports = [], []
+    for block_error in (True, False):
+        model = copy.deepcopy(tiny_dream)
+        reports.append(GPTQ(w_bits=4, a_bits=16, batch_size=2, progress=False, block_error=block_error)
+                       .quantize(model, calib))
+        models.append(model)
+    for (n, p), (_, q) in zip(models[0].state_dict().items(), models[1].state_dict().items()):
+        assert torch.equal(p, q), n
+    assert "mse_weighted" in reports[0]["blocks"][0] and reports[0]["mean_mse_weighted"] > 0
+    assert "mse_weighted" not in reports[1]["blocks"][0] and reports[1]["mean_mse_weighted"] is None
+    flat = build("quantizer", {"name": "flatquant", "epochs": 1, "w_bits": 4, "a_bits": 16, "block_error": False,
+                               "progress": False}).quantize(copy.deepcopy(tiny_dream), calib)
+    assert flat["blocks"][0]["mse_weighted"] > 0
 
 
 @pytest.mark.parametrize("a_bits", [16, 4])

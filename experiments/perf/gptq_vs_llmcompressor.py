@@ -18,7 +18,8 @@ llm-compressor sees the model as `Qwen2ForCausalLM` with its causal mask switche
 bidirectional block as ours; the script checks the two models agree before quantizing) and runs
 `oneshot(recipe=GPTQModifier(targets="Linear", scheme="W4A16", ignore=["lm_head"]))` with its defaults (actorder
 static, block 128, dampening 0.01, sequential pipeline). Ours is `quantizer=gptq bits=w4a16_g128` with its
-defaults; `--variants ours,ours_ist,ours_quarot,llmcompressor` adds our other references. Without llm-compressor
+defaults; `--variants ours,ours_ist,ours_quarot,ours_no_block_error,llmcompressor` adds our other references
+and our defaults without the per-block error report. Without llm-compressor
 (`pip install -e ".[compare]"`) its row is skipped with a message.
 """
 
@@ -38,11 +39,13 @@ from types import SimpleNamespace
 from typing import Any
 
 import torch
+from procmem import peak_rss_mb, rss_mb
 
 VARIANTS = {  # ours: quantizer config on top of W4A16-g128
     "ours": {},
     "ours_ist": {"reference": "ist"},
     "ours_quarot": {"reference": "quarot"},  # = fair-calib's GPTQ defaults before issue 16
+    "ours_no_block_error": {"block_error": False},  # no per-block error report: the FP pass stops at down's input
 }
 
 
@@ -110,17 +113,13 @@ def llmcompressor_available() -> bool:
 
 
 # ---- the measured children -------------------------------------------------------------------------------------
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
-
 
 def _measure(fn: Any) -> dict[str, float]:
-    r0, t0, rss0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter(), _rss_mb()
+    r0, t0, rss0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter(), rss_mb()
     fn()
     r1 = resource.getrusage(resource.RUSAGE_SELF)
     return {"wall_s": time.perf_counter() - t0, "cpu_s": (r1.ru_utime + r1.ru_stime) - (r0.ru_utime + r0.ru_stime),
-            "peak_rss_mb": r1.ru_maxrss / 1024, "rss_before_mb": rss0}
+            "peak_rss_mb": peak_rss_mb(), "rss_before_mb": rss0}
 
 
 def _child(kind: str, work: str, threads: int, batch_size: int, group_size: int, out: str) -> None:
@@ -285,6 +284,9 @@ def main(argv: list[str] | None = None) -> None:
         for rep in range(args.repeats):
             for kind in kinds if rep % 2 == 0 else kinds[::-1]:
                 rows[kind].append(run_child(kind, work, args, rep))
+                f = rows[kind][-1]["figures"]
+                print(f"repeat {rep + 1} {kind}: wall {f['wall_s']:.1f} s, CPU {f['cpu_s']:.1f} s, "
+                      f"peak RSS {f['peak_rss_mb']:.0f} MB", flush=True)
         print("\n| run | wall s | CPU s | peak RSS MB | layer error (calib) | layer error (held-out) | KL held-out |")
         print("|---|---|---|---|---|---|---|")
         summary = {}

@@ -19,10 +19,13 @@ Protocol (llm-compressor's split between the pipeline and the modifiers). A meth
         move block l back to where it lived
     method.finalize(model)                     once, after the last block
 
-Passes per block: the FP pass and the quantized pass always run (the error report reads both). With
-propagate="weights" a third, weight-only pass runs only when it computes something else: when the block
-quantizes no activation (A16, KV16) the quantized pass *is* the weight-only pass and feeds the next block
-itself. The last block's next inputs are read by nobody, so no pass is run for them.
+Passes per block: the FP pass and the quantized pass (the error report reads both). With propagate="weights"
+a third, weight-only pass runs only when it computes something else: when the block quantizes no activation
+(A16, KV16) the quantized pass *is* the weight-only pass and feeds the next block itself. The last block's next
+inputs are read by nobody, so no pass is run for them. No forward computes what nobody reads: a pass that only
+feeds collectors (`ctx.run`, e.g. GPTQ's true-sequential groups) stops at the input of the last collected linear, and so
+does the FP pass when its outputs are not kept (block_error=false, a method that reads no targets, propagate
+other than fp: for GPTQ the down projection's FP output and the (N, L, D) store of targets are skipped).
 
 Per-block errors (over tokens i, hidden dimension d; e = y_q - y_fp, w = token weights, m = attention mask):
     mse          = sum_i m_i mean_d(e_i^2) / sum_i m_i
@@ -164,31 +167,47 @@ class BlockContext:
             self._collect_weights = None
 
     @contextmanager
-    def collecting(self, collectors: dict[str, Collector]) -> Iterator[None]:
-        """Register `collectors` on the block's linears (by role) for the forwards run with collect=True."""
-        handles = []
-        for role, fn in collectors.items():
-            def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor, fn: Collector = fn) -> None:
+    def collecting(self, collectors: dict[str, Collector], stop: bool = False) -> Iterator[None]:
+        """Register `collectors` on the block's linears (by role) for the forwards run with collect=True; with
+        `stop`, a collecting forward ends (`_StopForward`, see `feed`) as soon as every collector has been fed."""
+        handles, fed = [], set()
+        for role, fn in collectors.items():  # pre-hooks: the last collected linear itself is not computed
+            def hook(module: nn.Module, inputs: tuple[Tensor, ...], fn: Collector = fn, role: str = role) -> None:
                 if self._collect_weights is None:
                     return
                 x = inputs[0]
                 if isinstance(module, QLinear):
                     x = module.quantize_input(x)
                 fn(x.detach(), self._collect_weights)
+                fed.add(role)
+                if stop and len(fed) == len(collectors):
+                    fed.clear()
+                    raise _StopForward
 
-            handles.append(self.block.role(role).register_forward_hook(hook))
+            handles.append(self.block.role(role).register_forward_pre_hook(hook))
         try:
             yield
         finally:
             for h in handles:
                 h.remove()
 
+    def feed(self, batch: Batch) -> None:
+        """A collecting forward of `batch` that stops at the last collector (inside `collecting(..., stop=True)`):
+        neither the last collected linear nor anything after it is computed."""
+        try:
+            self.forward(batch, collect=True)
+        except _StopForward:
+            pass
+
     @torch.no_grad()
     def run(self, collectors: dict[str, Collector]) -> None:
-        """One more pass over the calibration set through the block as it is now, feeding `collectors`."""
-        with self.collecting(collectors):
+        """One more pass over the calibration set through the block as it is now, feeding `collectors` (its outputs
+        are read by nobody, so each forward stops at the last collector)."""
+        if not collectors:
+            return
+        with self.collecting(collectors, stop=True):
             for batch in self.batches():
-                self.forward(batch, collect=True)
+                self.feed(batch)
 
     def role_output(self, batch: Batch, role: str) -> Tensor:
         """Output of the linear `role` in the block's forward on `batch` (the forward stops right there)."""
@@ -310,6 +329,7 @@ class EngineSettings:
     offload_dir: str | None = None
     track_fp_stream: bool = False
     progress: bool = True
+    block_error: bool = True  # the per-block error vs the FP block's outputs (they are kept for it)
 
     def __post_init__(self) -> None:
         if self.propagate not in PROPAGATE:
@@ -327,13 +347,14 @@ class LayerwiseMethod(Quantizer):
     requires_calibration = True
     name = "layerwise"
     default_propagate = "quantized"
+    needs_fp_outputs = False  # True: quantize_block reads the FP block outputs (ctx.batches(targets=True))
 
     def __init__(self, propagate: str | None = None, batch_size: int = 8, device: str | None = None,
                  offload: str = "cpu", offload_dir: str | None = None, track_fp_stream: bool = False,
-                 progress: bool = True, **bits: Any) -> None:
+                 progress: bool = True, block_error: bool = True, **bits: Any) -> None:
         super().__init__(**bits)
         self.engine = EngineSettings(propagate or self.default_propagate, int(batch_size), device, offload,
-                                     offload_dir, bool(track_fp_stream), bool(progress))
+                                     offload_dir, bool(track_fp_stream), bool(progress), bool(block_error))
 
     def setup(self, model: DiffusionLM, calib: Any) -> None:
         """Before capture, for every method: grouped weights need a group size that divides every block linear's
@@ -377,35 +398,42 @@ def capture_block_inputs(model: DiffusionLM, calib: Any, settings: EngineSetting
     return store
 
 
-def fp_pass(ctx: BlockContext, method: LayerwiseMethod, fp_stream: HiddenStore | None) -> None:
-    """Pass 1, quantizers off: the block's FP outputs (the targets) with the method's collectors attached, and the
-    true FP trajectory when it is tracked (before the solve changes the block)."""
+def fp_pass(ctx: BlockContext, method: LayerwiseMethod, fp_stream: HiddenStore | None, keep_outputs: bool) -> None:
+    """Pass 1, quantizers off: the method's collectors fed, and the block's FP outputs (the targets) when
+    `keep_outputs`; without them each forward stops at the last collector. Then the true FP trajectory when it
+    is tracked (before the solve changes the block)."""
     set_quant_enabled(ctx.block, False)
-    with ctx.collecting(method.collect(ctx.block, ctx)):
+    collectors = method.collect(ctx.block, ctx)
+    with ctx.collecting(collectors, stop=not keep_outputs):
         for batch in ctx.batches():
-            ctx.fp_outputs[batch.rows] = ctx.forward(batch, collect=True)
+            if keep_outputs:
+                ctx.fp_outputs[batch.rows] = ctx.forward(batch, collect=True)
+            elif collectors:
+                ctx.feed(batch)
     if fp_stream is not None:
         for batch in ctx.batches():
             fp_stream[batch.rows] = ctx.forward(batch, x=fp_stream[batch.rows].to(ctx.device))
 
 
-def quantized_pass(ctx: BlockContext, propagate: str, needs_next: bool,
-                   fp_stream: HiddenStore | None) -> tuple[ErrorMeter, ErrorMeter]:
-    """Pass 2, quantizers on: the error against the FP targets (and the FP stream), and the next block's inputs
-    from the same outputs whenever they are the same function (propagate=quantized, or weight-only quantization
-    under propagate=weights); a third, weight-only pass only when they differ. Nobody reads the last block's
-    next inputs, so `needs_next` is False there."""
+def quantized_pass(ctx: BlockContext, propagate: str, needs_next: bool, fp_stream: HiddenStore | None,
+                   errors: bool = True) -> tuple[ErrorMeter, ErrorMeter]:
+    """Pass 2, quantizers on: the error against the FP targets (with `errors`) and the FP stream, and the next
+    block's inputs from the same outputs whenever they are the same function (propagate=quantized, or weight-only
+    quantization under propagate=weights); a third, weight-only pass only when they differ. Nobody reads the last
+    block's next inputs, so `needs_next` is False there (and with nothing to measure either, no pass runs)."""
     set_quant_enabled(ctx.block, True)
     same = propagate == "weights" and weight_only_is_identity(ctx.block)
     feed_next = needs_next and (propagate == "quantized" or same)
     local, drift = ErrorMeter(), ErrorMeter()
-    for batch in ctx.batches(targets=True):
-        y = ctx.forward(batch)
-        local.add(y, batch.target, batch.weights, batch.mask)
-        if fp_stream is not None:
-            drift.add(y, fp_stream[batch.rows].to(ctx.device), batch.weights, batch.mask)
-        if feed_next:
-            ctx.inputs[batch.rows] = y
+    if errors or fp_stream is not None or feed_next:
+        for batch in ctx.batches(targets=errors):
+            y = ctx.forward(batch)
+            if errors:
+                local.add(y, batch.target, batch.weights, batch.mask)
+            if fp_stream is not None:
+                drift.add(y, fp_stream[batch.rows].to(ctx.device), batch.weights, batch.mask)
+            if feed_next:
+                ctx.inputs[batch.rows] = y
     if needs_next and propagate == "weights" and not same:
         with weight_only(ctx.block):
             for batch in ctx.batches():
@@ -429,7 +457,10 @@ def run_layerwise(model: DiffusionLM, calib: Any, method: LayerwiseMethod,
 
     method.setup(model, calib)
     inputs = capture_block_inputs(model, calib, settings)
-    fp_out = HiddenStore(inputs.shape, inputs.dtype, settings.offload, settings.offload_dir)
+    # the FP block outputs are kept when something reads them: the error report, the method, or propagate=fp
+    keep = settings.block_error or method.needs_fp_outputs or settings.propagate == "fp"
+    fp_out = (HiddenStore(inputs.shape, inputs.dtype, settings.offload, settings.offload_dir) if keep
+              else HiddenStore((0,), inputs.dtype))
     fp_stream = None
     if settings.track_fp_stream and settings.propagate != "fp":
         fp_stream = HiddenStore(inputs.shape, inputs.dtype, settings.offload, settings.offload_dir)
@@ -444,20 +475,21 @@ def run_layerwise(model: DiffusionLM, calib: Any, method: LayerwiseMethod,
             move_block(block, device)
             ctx = BlockContext(index, block, device, rope, inputs, fp_out, mask, weights, settings.batch_size)
             with torch.no_grad():
-                fp_pass(ctx, method, fp_stream)
+                fp_pass(ctx, method, fp_stream, keep)
             extras = method.quantize_block(block, ctx) or {}
             with torch.no_grad():
-                local, drift = quantized_pass(ctx, settings.propagate, index < len(blocks) - 1, fp_stream)
+                local, drift = quantized_pass(ctx, settings.propagate, index < len(blocks) - 1, fp_stream, keep)
             if settings.propagate == "fp":
                 inputs, fp_out = fp_out, inputs
             move_block(block, home)
-            row = {"block": index, **local.result()}
+            row: dict[str, Any] = {"block": index, **(local.result() if keep else {})}
             if settings.track_fp_stream:  # with propagate=fp the inputs are the FP stream itself
                 row.update(drift.result("vs_fp_") if fp_stream is not None else local.result("vs_fp_"))
             row["time_s"] = time.perf_counter() - t0
             row.update(extras)
             per_block.append(row)
-            bar.set_postfix(mse_w=f"{row['mse_weighted']:.3g}")
+            if keep:
+                bar.set_postfix(mse_w=f"{row['mse_weighted']:.3g}")
     finally:
         for store in (inputs, fp_out, fp_stream):
             if store is not None:
@@ -470,7 +502,7 @@ def run_layerwise(model: DiffusionLM, calib: Any, method: LayerwiseMethod,
         "n_samples": int(calib.input_ids.shape[0]), "seq_len": int(calib.input_ids.shape[1]),
         "tokens": int((mask != 0).sum()), "token_weight_sum": float(weights.sum()),
         "blocks": per_block,
-        "mean_mse_weighted": sum(r["mse_weighted"] for r in per_block) / max(len(per_block), 1),
+        "mean_mse_weighted": (sum(r["mse_weighted"] for r in per_block) / max(len(per_block), 1)) if keep else None,
         "time_s": time.perf_counter() - t_start,
         **final,
     }

@@ -210,6 +210,7 @@ class FlatQuant(LayerwiseMethod):
     name = "flatquant"
     default_propagate = "fp"
     uses_token_weights = True
+    needs_fp_outputs = True  # the training targets
 
     def __init__(self, epochs: int = 15, batch_size: int = 4, lr: float = 5e-3, clip_lr_mult: float = 10.0,
                  min_lr_ratio: float = 1e-3, weight_decay: float = 0.01, alpha: float = 0.3, use_scale: bool = True,
