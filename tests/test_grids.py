@@ -237,7 +237,9 @@ def test_quant_dequant_in_place_path_equals_the_straight_through_path_bit_for_bi
     """GPTQ's no-gradient quant_dequant gives the values and the signs of zeros of the differentiable one (round_ste
     turns round(-0.3) = -0 into +0), also written into `out`."""
     g = torch.Generator().manual_seed(0)
-    x = torch.cat([torch.tensor([-0.3, -0.0, 0.0, 0.5, -0.5, 1.5, -2.5, 1e-9, -1e-9]), torch.randn(500, generator=g) * 3])
+    edge = torch.tensor([-0.3, -0.0, 0.0, 0.5, -0.5, 1.5, -2.5, 1e-9, -1e-9])
+    x = torch.cat([edge, torch.randn(500, generator=g) * 3])
+    before = x.clone()
     scale = torch.rand(509, generator=g) + 0.2
     zero = None if spec.symmetric else torch.randint(0, 8, (509,), generator=g).float()
     x_grad = x.clone().requires_grad_(True)
@@ -247,5 +249,4 @@ def test_quant_dequant_in_place_path_equals_the_straight_through_path_bit_for_bi
         fast = quant_dequant(x, scale, zero, spec, out=out)
     assert fast.data_ptr() == out.data_ptr()
     assert torch.equal(fast.view(torch.int32), ste.view(torch.int32))  # bit patterns, so -0 != +0
-    assert torch.equal(x, torch.cat([torch.tensor([-0.3, -0.0, 0.0, 0.5, -0.5, 1.5, -2.5, 1e-9, -1e-9]),
-                                     torch.randn(500, generator=torch.Generator().manual_seed(0)) * 3]))
+    assert torch.equal(x, before)  # the input is not modified

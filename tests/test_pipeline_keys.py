@@ -78,13 +78,15 @@ def test_baseline_configs_resolve_against_the_run(tmp_path):
 
 @pytest.mark.parametrize("name", ["rtn", "gptq", "awq", "smoothquant", "quarot", "flatquant", "duquant"])
 def test_every_quantizer_takes_the_shared_bit_and_engine_keys(name):
-    """One file holds the 12 bit keys (and one the 7 engine keys): every quantizer composes them in."""
+    """One file holds the 12 bit keys (and one the 8 engine keys): every quantizer composes them in."""
     from fair_calib.quant.base import BitSettings
 
     cfg = option_config("quantizer", name)
     assert set(BitSettings.__dataclass_fields__) <= set(cfg), name
-    engine = {"propagate", "batch_size", "device", "offload", "offload_dir", "track_fp_stream", "progress"}
-    assert (engine <= set(cfg)) == (name != "rtn"), name
+    from fair_calib.quant.engine import EngineSettings
+
+    engine = set(EngineSettings.__dataclass_fields__)
+    assert len(engine) == 8 and (engine <= set(cfg)) == (name != "rtn"), name
 
 
 def test_unknown_option_names_the_valid_ones():

@@ -18,8 +18,8 @@ llm-compressor sees the model as `Qwen2ForCausalLM` with its causal mask switche
 bidirectional block as ours; the script checks the two models agree before quantizing) and runs
 `oneshot(recipe=GPTQModifier(targets="Linear", scheme="W4A16", ignore=["lm_head"]))` with its defaults (actorder
 static, block 128, dampening 0.01, sequential pipeline). Ours is `quantizer=gptq bits=w4a16_g128` with its
-defaults; `--variants ours,ours_ist,ours_quarot,ours_no_block_error,llmcompressor` adds our other references
-and our defaults without the per-block error report. Without llm-compressor
+defaults (composed from conf/, as `fair-calib` runs it); `--variants ours,ours_ist,ours_quarot,ours_block_error,
+llmcompressor` adds our other references and our defaults with the per-block error report. Without llm-compressor
 (`pip install -e ".[compare]"`) its row is skipped with a message.
 """
 
@@ -41,11 +41,11 @@ from typing import Any
 import torch
 from procmem import peak_rss_mb, rss_mb
 
-VARIANTS = {  # ours: quantizer config on top of W4A16-g128
+VARIANTS = {  # ours: overrides of the composed `quantizer=gptq bits=w4a16_g128` config
     "ours": {},
     "ours_ist": {"reference": "ist"},
     "ours_quarot": {"reference": "quarot"},  # = fair-calib's GPTQ defaults before issue 16
-    "ours_no_block_error": {"block_error": False},  # no per-block error report: the FP pass stops at down's input
+    "ours_block_error": {"block_error": True},  # + the per-block error report (FP outputs kept, FP down projection)
 }
 
 
@@ -148,8 +148,13 @@ def _child(kind: str, work: str, threads: int, batch_size: int, group_size: int,
 
         logging.getLogger("fair_calib.models.loading").setLevel(logging.ERROR)  # the random model has no tokenizer
         model = load_dllm(work_dir / "ours")
-        cfg = {"name": "gptq", "a_bits": 16, "w_granularity": "group", "group_size": group_size,
-               "batch_size": batch_size, "progress": False, **VARIANTS[kind]}
+        from omegaconf import OmegaConf
+
+        from fair_calib.compose import compose_config
+
+        composed = compose_config(["quantizer=gptq", "bits=w4a16_g128", f"quantizer.group_size={group_size}",
+                                   f"quantizer.batch_size={batch_size}", "quantizer.progress=false"])
+        cfg = {**OmegaConf.to_container(composed.quantizer, resolve=True), **VARIANTS[kind]}
         quantizer = build("quantizer", cfg)
         calib = SimpleNamespace(input_ids=ids, attention_mask=mask)
         figures = _measure(lambda: quantizer.quantize(model, calib))
