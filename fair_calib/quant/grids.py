@@ -109,9 +109,9 @@ def fake_quant_lastdim(x: Tensor, spec: QuantSpec, clip: Tensor | float | None =
         absmax = x.abs().amax(dim=-1, keepdim=True) * c
         s = sym_scale(absmax, spec.bits, spec.scale_convention)
         # "halfstep" is IST-GPTQ's zero point 2^(b-1) on unsigned codes: the same signed code range
-        return quantize_sym(x, s, spec.bits) * s
+        return quant_dequant(x, s, None, spec)
     s, z = asym_scale_zero(x.amin(dim=-1, keepdim=True) * c, x.amax(dim=-1, keepdim=True) * c, spec.bits)
-    return (quantize_asym(x, s, z, spec.bits) - z) * s
+    return quant_dequant(x, s, z, spec)
 
 
 def fake_quant_weight(w: Tensor, spec: QuantSpec, clip: Tensor | float | None = None) -> Tensor:
@@ -141,10 +141,11 @@ def weight_scale_zero(w: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor | None
 
 
 def quant_dequant(x: Tensor, scale: Tensor, zero: Tensor | None, spec: QuantSpec, out: Tensor | None = None) -> Tensor:
-    """Quantize-dequantize with a given scale (and zero): the step GPTQ applies to one column; written into `out`
-    when given. Differentiable (straight-through) when x needs a gradient; otherwise in place, with the same values
-    and signs of zeros: round_ste's forward (r - x) + x is exactly r = round(x) (r - x is exact by Sterbenz's
-    lemma, or -x when r = 0), except that it turns -0 into +0, which `+ 0.0` does here.
+    """Quantize-dequantize with a given scale (and zero), written into `out` when given: every fake quantizer's last
+    step (and the one GPTQ applies to a column). Differentiable (straight-through) when x or the scale needs a
+    gradient; otherwise in place, with the same values and signs of zeros: round_ste's forward (r - x) + x is
+    exactly r = round(x) (r - x is exact by Sterbenz's lemma, or -x when r = 0), except that it turns -0 into +0,
+    which `+ 0.0` does here.
     """
     if torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad):
         y = quantize_sym(x, scale, spec.bits) * scale if zero is None else \
@@ -186,9 +187,9 @@ def fake_quant_clip_pair(x: Tensor, spec: QuantSpec, lo: Tensor | None, hi: Tens
         x = torch.clamp(x, min=xmin, max=xmax)
     if spec.symmetric:
         s = sym_scale(torch.maximum(xmin.abs(), xmax), spec.bits, spec.scale_convention)
-        return quantize_sym(x, s, spec.bits) * s
+        return quant_dequant(x, s, None, spec)
     s, z = asym_scale_zero(xmin, xmax, spec.bits)
-    return (quantize_asym(x, s, z, spec.bits) - z) * s
+    return quant_dequant(x, s, z, spec)
 
 
 def fake_quant_weight_clip_pair(w: Tensor, spec: QuantSpec, lo: Tensor | None, hi: Tensor | None) -> Tensor:
