@@ -26,6 +26,9 @@ The FLOP estimate counts matmuls only (2 per multiply-add): forward passes of th
 FlatQuant 3 + 3 x epochs: capture, MSE at init, forward + backward per epoch, quantized error), Hessians
 2 T cols^2 per distinct linear input, the GPTQ solve rows cols^2 per linear plus cols^3 per Hessian. Element-wise
 work (fake quantization, norms, softmax) is not counted, which is why the small widths show lower GFLOP/s.
+The GPTQ and QuaRot pass counts are upper bounds since the engine stops forwards that only feed Hessians at the
+last collected linear's input: QuaRot's three capture passes are partial, and GPTQ's default block_error=false
+drops the quantized-error pass and the FP pass's down projection (about 1.7 full passes at W4A4).
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ from typing import Any
 from procmem import peak_rss_mb, rss_mb
 
 METHODS = ("gptq", "quarot", "flatquant")
-# forward passes of one block over the calibration set per method at the W4A4 defaults (see the module docstring)
+# full forward passes of one block per method at W4A4, an upper bound (see the module docstring)
 FORWARD_PASSES = {"gptq": 3, "quarot": 6}
 LINEAR_ROLES = ("q", "k", "v", "o", "gate", "up", "down")
 

@@ -154,7 +154,7 @@ def quant_dequant(x: Tensor, scale: Tensor, zero: Tensor | None, spec: QuantSpec
     r = torch.div(x, scale, out=out).round_()
     if zero is None:
         return r.add_(0.0).clamp_(spec.qmin, spec.qmax).mul_(scale)
-    return r.add_(zero).clamp_(0, 2**spec.bits - 1).sub_(zero).mul_(scale)
+    return r.add_(zero).clamp_(spec.qmin, spec.qmax).sub_(zero).mul_(scale)
 
 
 # ---- FlatQuant's clipping pair -------------------------------------------------------------------------------
